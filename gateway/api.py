@@ -1,0 +1,240 @@
+"""The one place the web framework is used: the admin web service (contract §7).
+
+FastAPI generates ``/openapi.json`` from the models below. Every ``/v1`` call requires
+``Authorization: Bearer <token>``. Errors are ``{"error": code, "detail": text}`` with a
+fitting status; an operation either applies whole or not at all (the service commits
+before it changes anything visible).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+import gateway
+from gateway.errors import AdminError, BadRequest, LedgerError
+from gateway.ledger import UsageQuery
+from gateway.service import MAX_TOKENS, MeteringService
+from gateway.views import device_state, parse_time, rfc3339
+
+VERSION = "0.1.0"
+DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class NewDevice(BaseModel):
+    """``POST /v1/devices``: unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    public_key: Annotated[StrictStr, Field(description="Ed25519 public key, 32 bytes in hex")]
+    tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+    account: Annotated[
+        StrictStr | None, Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    ] = None
+
+
+class Refill(BaseModel):
+    """``POST /v1/devices/{id}/refill``."""
+
+    model_config = ConfigDict(extra="ignore")
+    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
+
+
+class DeviceView(BaseModel):
+    """A device as on its retained fleet topic (contract §6)."""
+
+    device: str
+    account: str
+    state: str
+    rate_permille: int
+    balance: int
+    allocation: int
+    used: int
+    revoked: bool
+    public_key: str
+    control_seq: int
+    created_at: str | None
+    last_report_at: str | None
+    updated_at: str | None
+
+
+class RefillResult(DeviceView):
+    replayed: bool = Field(description="true when an Idempotency-Key repeat credited nothing")
+
+
+class UsageLine(BaseModel):
+    bucket: str | None
+    device: str
+    account: str
+    meter: str
+    units: int
+    tokens: int
+
+
+class UsageReply(BaseModel):
+    since: str | None
+    until: str | None
+    bucket: str
+    rows: list[UsageLine]
+    total_tokens: int
+
+
+class GatewayInfo(BaseModel):
+    public_key: str
+    version: str
+
+
+class ErrorReply(BaseModel):
+    error: str
+    detail: str
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> FastAPI:
+    """The admin application for ``service``, guarded by ``token``."""
+    app = FastAPI(
+        title="Tokenwell admin API",
+        version=VERSION,
+        description=gateway.__doc__ or "Provisioning, refills and usage of metered devices.",
+        responses={401: {"model": ErrorReply}, 422: {"model": ErrorReply}},
+    )
+    _install_error_handlers(app)
+    expected = token.encode()
+
+    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    auth = [Depends(authorized)]
+
+    @app.post("/v1/devices", status_code=201, dependencies=auth, response_model=DeviceView,
+              responses={409: {"model": ErrorReply}})  # fmt: skip
+    async def add_device(body: NewDevice) -> dict[str, Any]:
+        """Provision a device with an initial allocation of tokens."""
+        key = _public_key(body.public_key)
+        device = await service.provision(body.id, key, body.tokens, body.account)
+        return device_state(device)
+
+    @app.get("/v1/devices", dependencies=auth, response_model=list[DeviceView])
+    async def list_devices() -> list[dict[str, Any]]:
+        """Every device, as on the fleet state topics."""
+        return [device_state(d) for d in service.devices()]
+
+    @app.get("/v1/devices/{device_id}", dependencies=auth, response_model=DeviceView,
+             responses={404: {"model": ErrorReply}})  # fmt: skip
+    async def show_device(device_id: DeviceId) -> dict[str, Any]:
+        """One device, as on its fleet state topic."""
+        return device_state(service.device(device_id))
+
+    @app.post("/v1/devices/{device_id}/refill", dependencies=auth, response_model=RefillResult,
+              responses={404: {"model": ErrorReply}, 409: {"model": ErrorReply}})  # fmt: skip
+    async def refill(
+        device_id: DeviceId,
+        body: Refill,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> dict[str, Any]:
+        """Add tokens. A retry with the same ``Idempotency-Key`` credits once."""
+        device, replayed = await service.refill(device_id, body.tokens, idempotency_key)
+        return {**device_state(device), "replayed": replayed}
+
+    @app.delete("/v1/devices/{device_id}", dependencies=auth, response_model=DeviceView,
+                responses={404: {"model": ErrorReply}})  # fmt: skip
+    async def revoke(device_id: DeviceId) -> dict[str, Any]:
+        """Revoke: further reports are rejected and the device is sent ``block``."""
+        return device_state(await service.revoke(device_id))
+
+    @app.get("/v1/usage", dependencies=auth, response_model=UsageReply)
+    async def usage(
+        device: DeviceId | None = None,
+        account: DeviceId | None = None,
+        meter: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
+        since: Annotated[str | None, Query(description="RFC 3339, a date, or ms")] = None,
+        until: Annotated[str | None, Query(description="exclusive; RFC 3339, a date, or ms")] = None,
+        bucket: Literal["hour", "day", "month", "all"] = "all",
+    ) -> dict[str, Any]:
+        """Who used what over what time frame: units and tokens per device and meter."""
+        since_ms, until_ms = _time_param("since", since), _time_param("until", until)
+        query = UsageQuery(device, account, meter, since_ms, until_ms, bucket)
+        rows = await service.usage(query)
+        return {
+            "since": rfc3339(since_ms),
+            "until": rfc3339(until_ms),
+            "bucket": bucket,
+            "rows": [
+                {"bucket": rfc3339(r.bucket_start_ms), "device": r.device, "account": r.account,
+                 "meter": r.meter, "units": r.units, "tokens": r.tokens}  # fmt: skip
+                for r in rows
+            ],
+            "total_tokens": sum(r.tokens for r in rows),
+        }
+
+    @app.get("/v1/gateway", dependencies=auth, response_model=GatewayInfo)
+    async def gateway_info() -> dict[str, str]:
+        """The public key that signs control messages."""
+        return {"public_key": gateway_key_hex, "version": VERSION}
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 while the ledger commits; 503 while commits are failing."""
+        healthy = service.ledger_healthy
+        body = {"status": "ok" if healthy else "ledger_failing", "devices": len(service.registry.devices)}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _public_key(text: str) -> bytes:
+
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise BadRequest("public_key must be hex") from None
+    if len(raw) != 32:
+        raise BadRequest("public_key must be 32 bytes (64 hex digits)")
+    return raw
+
+
+def _time_param(name: str, text: str | None) -> int | None:
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise BadRequest(f"{name}: want RFC 3339, a date or ms since the epoch") from None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AdminError)
+    async def admin_error(request: Request, exc: AdminError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(LedgerError)
+    async def ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
+        return _error(503, "ledger_unavailable", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, "invalid", f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))

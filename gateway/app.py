@@ -1,0 +1,183 @@
+"""The composition root: builds settings, adapters and the service, and runs them.
+
+The only place that reads the real clock, handles signals, or knows which concrete
+ledger, MQTT client and web server are used. Background work runs in one
+``asyncio.TaskGroup`` with named tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.api import build_api
+from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.ingest import Pricing
+from gateway.ledger import Ledger
+from gateway.metrics import Metrics
+from gateway.mqtt import BrokerUrl, MqttClient
+from gateway.service import MeteringService
+from gateway.sqlite_ledger import SqliteLedger
+from gateway.topics import Topics
+from gateway.wire import public_key_hex
+
+log = logging.getLogger("tokenwell.gateway")
+FLEET_STATE_INTERVAL = 0.2  # seconds: operator topics follow a change well within a second
+
+
+def wall_clock_ms() -> int:
+    """The real clock, in ms since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def token_path(db: Path) -> Path:
+    """Where the admin token is kept when ``TOKENWELL_TOKEN`` is not set: beside the ledger."""
+    return db.with_name(db.name + ".token")
+
+
+def admin_token(db: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """``$TOKENWELL_TOKEN``, else the token file beside the ledger, made on first start."""
+    if token := environ.get("TOKENWELL_TOKEN"):
+        return token
+    path = token_path(db)
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    log.info("made an admin token, kept in %s", path)
+    return token
+
+
+async def signing_key(ledger: Ledger) -> Ed25519PrivateKey:
+    """The gateway's Ed25519 key, kept in the ledger; made on first start."""
+    raw = await ledger.get_meta("gateway_signing_key")
+    if raw is None:
+        key = Ed25519PrivateKey.generate()
+        await ledger.set_meta("gateway_signing_key", key.private_bytes_raw())
+        return key
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+@dataclass
+class Gateway:
+    """A running gateway. ``ready`` is set once it serves MQTT and HTTP."""
+
+    settings: Settings
+    ledger: Ledger | None = None
+    clock: object = wall_clock_ms
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    api_port: int = 0
+    service: MeteringService | None = None
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` (or a signal, via :func:`serve`); then stop cleanly."""
+        settings = self.settings
+        ledger = self.ledger or SqliteLedger(settings.db)
+        await ledger.open()
+        try:
+            await self._run_with(ledger)
+        finally:
+            await ledger.close()
+
+    async def _run_with(self, ledger: Ledger) -> None:
+        settings = self.settings
+        key = await signing_key(ledger)
+        token = admin_token(settings.db)
+        pricing = Pricing(settings.meters, settings.throttle, settings.device_clock_max_age_s * 1000)
+        clock = self.clock if callable(self.clock) else wall_clock_ms
+        service = MeteringService(ledger, pricing, Topics(settings.topic_prefix), key, clock, Metrics())
+        self.service = service
+        await service.load()
+        mqtt = MqttClient(
+            BrokerUrl.parse(settings.broker),
+            settings.client_id,
+            persistent=True,
+            manual_ack=True,
+            inbox=service.inbox,
+            on_published=service.control_published,
+        )
+        mqtt.subscribe(service.topics.all_usage, qos=1)
+        await mqtt.connect()
+        service.attach(mqtt)
+        sock = _bind(*settings.api_host_port)
+        self.api_port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_api(service, token, public_key_hex(key)),
+                log_level="warning",
+                lifespan="off",
+            )
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(service.verify_stage(self.stopping), name="verify")
+                charging = tasks.create_task(service.charge_stage(), name="charge")
+                tasks.create_task(self._fleet_state(service), name="fleet-state")
+                tasks.create_task(server.serve(sockets=[sock]), name="admin-api")
+                tasks.create_task(self._announce_ready(server, mqtt), name="ready")
+                await charging  # ends once stopping is set and in-flight work is committed
+                server.should_exit = True
+                self.stopping.set()
+        finally:
+            service.flush_fleet_state(limit=1_000_000)
+            await mqtt.disconnect()
+            service.close()
+            sock.close()
+
+    async def _announce_ready(self, server: uvicorn.Server, mqtt: MqttClient) -> None:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        host = self.settings.api_host_port[0]
+        log.info(
+            "tokenwell gateway ready: broker %s, ledger %s, admin API http://%s:%d",
+            BrokerUrl.parse(self.settings.broker), self.settings.db, host, self.api_port,
+        )  # fmt: skip
+        self.ready.set()
+
+    async def _fleet_state(self, service: MeteringService) -> None:
+        while not self.stopping.is_set():
+            service.flush_fleet_state()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), FLEET_STATE_INTERVAL)
+
+    def stop(self) -> None:
+        """Ask the gateway to finish in-flight work and stop."""
+        self.stopping.set()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        raise ConfigError(f"api: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    """Run a gateway until SIGINT or SIGTERM, then stop cleanly."""
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, gateway.stop)
+    await gateway.run()

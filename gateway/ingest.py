@@ -1,0 +1,199 @@
+"""From received bytes to a batch of decisions: verify, then charge. Pure, no I/O.
+
+Two steps, so the gateway can run them as a pipeline:
+
+1. :func:`verify` turns one received message into a :class:`~gateway.wire.UsageReport`
+   or a :class:`~gateway.errors.Rejection`. It only reads the device registry and is
+   safe to run on worker threads (Ed25519 verification releases the GIL).
+2. :func:`charge_batch` applies the charging rule to a batch of verified reports, in
+   order, against the current state, and returns everything the batch changes as
+   values: the :class:`~gateway.ledger.LedgerWrite` to commit, the new device records,
+   control messages and events. Nothing becomes visible until the caller has committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gateway.config import ThrottleStep
+from gateway.errors import Reason, Rejection
+from gateway.ledger import Debit, HighMark, LedgerWrite
+from gateway.metering import Device, attributed_time, charge, debit, next_control
+from gateway.views import Event
+from gateway.wire import (
+    USAGE_DOMAIN,
+    ControlMessage,
+    UsageReport,
+    decode_envelope,
+    decode_usage_body,
+    is_device_id,
+)
+
+HighsKey = tuple[str, int]  # (device, boot epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message refused before charging; ``device`` is the topic's id as received."""
+
+    device: str
+    rejection: Rejection
+
+
+class Registry:
+    """The gateway's in-memory view of committed state, read by both steps.
+
+    Mutated only by the gateway after a commit (:meth:`apply`), on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self.highs: dict[HighsKey, dict[str, int]] = {}
+        self._keys: dict[str, Ed25519PublicKey] = {}
+
+    def key(self, device: Device) -> Ed25519PublicKey:
+        """The device's public key object, built once."""
+        key = self._keys.get(device.id)
+        if key is None:
+            key = self._keys[device.id] = Ed25519PublicKey.from_public_bytes(device.public_key)
+        return key
+
+    def apply(self, devices: Mapping[str, Device], highs: Mapping[HighsKey, dict[str, int]]) -> None:
+        """Make a committed batch's effects visible."""
+        self.devices.update(devices)
+        self.highs.update(highs)
+
+
+def verify(device_id: str | None, payload: bytes, registry: Registry) -> UsageReport | Rejected:
+    """Check one usage message received on the topic of ``device_id``.
+
+    Order: the topic's id, the envelope (size, msgpack, shape), the device (known, not
+    revoked), the signature, then the body and its ``d``. Never raises for bad input.
+    """
+    topic_id = device_id or ""
+    if not is_device_id(device_id):
+        return Rejected(topic_id[:64], Rejection(Reason.BAD_DEVICE_ID, "topic id"))
+    envelope = decode_envelope(payload)
+    if isinstance(envelope, Rejection):
+        return Rejected(topic_id, envelope)
+    device = registry.devices.get(topic_id)
+    if device is None:
+        return Rejected(topic_id, Rejection(Reason.UNKNOWN_DEVICE))
+    if device.revoked:
+        return Rejected(topic_id, Rejection(Reason.REVOKED_DEVICE))
+    if not envelope.verify(USAGE_DOMAIN, registry.key(device)):
+        return Rejected(topic_id, Rejection(Reason.BAD_SIGNATURE))
+    report = decode_usage_body(envelope.body)
+    if isinstance(report, Rejection):
+        return Rejected(topic_id, report)
+    if report.device != topic_id:
+        return Rejected(topic_id, Rejection(Reason.DEVICE_MISMATCH, f"d={report.device}"))
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """The charging parameters of the gateway's configuration."""
+
+    prices: Mapping[str, Fraction]
+    ladder: Sequence[ThrottleStep]
+    device_clock_max_age_ms: int = 30 * 86_400_000
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The effects of one batch, to commit then apply (all fields are new values)."""
+
+    write: LedgerWrite = field(default_factory=LedgerWrite)
+    devices: dict[str, Device] = field(default_factory=dict)
+    highs: dict[HighsKey, dict[str, int]] = field(default_factory=dict)
+    controls: list[ControlMessage] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    charged: int = 0  # reports that debited or raised a counter
+    duplicates: int = 0  # valid reports that changed nothing
+    rejected: list[Rejected] = field(default_factory=list)
+    tokens: int = 0
+
+
+def charge_batch(
+    items: Sequence[UsageReport | Rejected], registry: Registry, pricing: Pricing, now_ms: int
+) -> BatchResult:
+    """Charge ``items`` in order against ``registry`` without mutating it."""
+    result = BatchResult()
+    for item in items:
+        if isinstance(item, Rejected):
+            result.rejected.append(item)
+            result.events.append(_rejected_event(item, now_ms))
+        else:
+            _charge_one(item, registry, pricing, now_ms, result)
+    result.write.devices.extend(result.devices.values())
+    return result
+
+
+def _charge_one(
+    report: UsageReport, registry: Registry, pricing: Pricing, now_ms: int, result: BatchResult
+) -> None:
+    device = result.devices.get(report.device) or registry.devices.get(report.device)
+    if device is None or device.revoked:  # revoked or removed since verification
+        reason = Reason.REVOKED_DEVICE if device else Reason.UNKNOWN_DEVICE
+        rejected = Rejected(report.device, Rejection(reason))
+        result.rejected.append(rejected)
+        result.events.append(_rejected_event(rejected, now_ms))
+        return
+    key = (report.device, report.boot)
+    highs = result.highs.get(key) or registry.highs.get(key) or {}
+    outcome = charge(report, highs, pricing.prices)
+    for meter in outcome.unpriced:
+        result.events.append(Event("unpriced_meter", device.id, now_ms, {"meter": meter}))
+    if not outcome.lines:
+        result.duplicates += 1
+        result.devices[device.id] = replace(device, last_report_ms=now_ms)
+        return
+    result.charged += 1
+    result.tokens += outcome.tokens
+    at_ms = attributed_time(report.device_time_ms, now_ms, pricing.device_clock_max_age_ms)
+    new_highs = dict(highs)
+    for line in outcome.lines:
+        new_highs[line.meter] = line.to_units
+        result.write.highs.append(HighMark(device.id, report.boot, line.meter, line.to_units))
+        result.write.debits.append(
+            Debit(device.id, device.account, report.boot, line.meter, line.from_units,
+                  line.to_units, line.tokens, at_ms, now_ms)  # fmt: skip
+        )
+    result.highs[key] = new_highs
+    result.devices[device.id] = _with_control(
+        debit(device, outcome.tokens, now_ms), pricing, now_ms, result
+    )
+
+
+def _with_control(device: Device, pricing: Pricing, now_ms: int, result: BatchResult) -> Device:
+    control = next_control(device, pricing.ladder, now_ms)
+    if control is None:
+        return device
+    result.controls.append(control)
+    previous = device.control.state if device.control else "ok"
+    result.events.append(transition_event(device.id, previous, control))
+    return replace(device, control=control)
+
+
+def transition_event(device: str, previous: str, control: ControlMessage) -> Event:
+    """The event announcing a control change: ``throttle``, ``block`` or ``resume``."""
+    kind = {"throttle": "throttle", "block": "block"}.get(control.state, "resume")
+    details = {
+        "from": previous,
+        "state": control.state,
+        "rate_permille": control.rate_permille,
+        "balance": control.balance,
+        "why": control.why,
+        "seq": control.seq,
+    }
+    return Event(kind, device, control.time_ms, details)
+
+
+def _rejected_event(item: Rejected, now_ms: int) -> Event:
+    details = {"reason": item.rejection.reason.value, "detail": item.rejection.detail}
+    return Event("rejected", item.device, now_ms, details)

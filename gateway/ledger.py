@@ -1,0 +1,217 @@
+"""The ledger's interface, its records, and an in-memory fake.
+
+The ledger is the durable truth. The gateway computes a batch of effects with the pure
+core, hands them to :meth:`Ledger.commit` as one :class:`LedgerWrite` (one transaction:
+all of it or none of it), and only then acknowledges the MQTT messages and makes the new
+state visible. Debits and grants are append-only; for every device,
+``allocation == sum(grants)`` and ``used == sum(debits)``.
+
+:class:`MemoryLedger` passes the same contract tests as the SQLite ledger
+(``tests/test_ledger_contract.py``); tests of the service use it where durability is not
+the point.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from gateway.metering import Device
+
+Bucket = Literal["hour", "day", "month", "all"]
+BUCKETS: tuple[Bucket, ...] = ("hour", "day", "month", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class HighMark:
+    """``H`` for one (device, boot epoch, meter): the highest cumulative count charged."""
+
+    device: str
+    boot: int
+    meter: str
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """One meter's advance charged from one report (append-only)."""
+
+    device: str
+    account: str
+    boot: int
+    meter: str
+    from_units: int
+    to_units: int
+    tokens: int
+    at_ms: int  # when the usage is attributed to (see metering.attributed_time)
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Tokens credited to a device: its initial allocation or a refill (append-only)."""
+
+    device: str
+    account: str
+    tokens: int
+    kind: Literal["initial", "refill"]
+    at_ms: int
+    idempotency_key: str | None = None
+
+
+@dataclass(slots=True)
+class LedgerWrite:
+    """Everything one transaction changes. Devices are written whole (upsert)."""
+
+    devices: list[Device] = field(default_factory=list)
+    highs: list[HighMark] = field(default_factory=list)
+    debits: list[Debit] = field(default_factory=list)
+    grants: list[Grant] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.devices or self.highs or self.debits or self.grants)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """Filters for :meth:`Ledger.usage`; times are attributed times in ms, ``until`` exclusive."""
+
+    device: str | None = None
+    account: str | None = None
+    meter: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    bucket: Bucket = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Units and tokens of one meter of one device within one bucket (start in ms, UTC)."""
+
+    bucket_start_ms: int | None
+    device: str
+    account: str
+    meter: str
+    units: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the gateway loads at start-up to rebuild its in-memory state."""
+
+    devices: list[Device]
+    highs: list[HighMark]
+
+
+class Ledger(Protocol):
+    """The durable store. Every method may raise :class:`~gateway.errors.LedgerError`."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def load(self) -> Snapshot: ...
+
+    async def commit(self, write: LedgerWrite) -> None:
+        """Apply ``write`` atomically and durably; on error nothing of it is applied."""
+
+    async def find_grant(self, device: str, idempotency_key: str) -> Grant | None: ...
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]: ...
+
+    async def totals(self, device: str) -> tuple[int, int]:
+        """``(sum of grants, sum of debits)`` for ``device``: the invariant's two sides."""
+
+    async def get_meta(self, key: str) -> bytes | None: ...
+
+    async def set_meta(self, key: str, value: bytes) -> None: ...
+
+
+def bucket_start(at_ms: int, bucket: Bucket) -> int | None:
+    """The UTC start (ms) of the bucket holding ``at_ms``; None for ``all``."""
+    if bucket == "all":
+        return None
+    if bucket == "hour":
+        return at_ms - at_ms % 3_600_000
+    if bucket == "day":
+        return at_ms - at_ms % 86_400_000
+    import datetime as _dt
+
+    moment = _dt.datetime.fromtimestamp(at_ms / 1000, tz=_dt.UTC)
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return int(start.timestamp()) * 1000
+
+
+class MemoryLedger:
+    """An in-memory :class:`Ledger`: same contract, no durability."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self.highs: dict[tuple[str, int, str], int] = {}
+        self.debits: list[Debit] = []
+        self.grants: list[Grant] = []
+        self.meta: dict[str, bytes] = {}
+        self.commits = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def load(self) -> Snapshot:
+        highs = [HighMark(d, b, m, h) for (d, b, m), h in self.highs.items()]
+        return Snapshot(list(self.devices.values()), highs)
+
+    async def commit(self, write: LedgerWrite) -> None:
+        self.devices.update((device.id, device) for device in write.devices)
+        self.highs.update(((h.device, h.boot, h.meter), h.high) for h in write.highs)
+        self.debits.extend(write.debits)
+        self.grants.extend(write.grants)
+        self.commits += 1
+
+    async def find_grant(self, device: str, idempotency_key: str) -> Grant | None:
+        for grant in self.grants:
+            if grant.device == device and grant.idempotency_key == idempotency_key:
+                return grant
+        return None
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        return summarize(filter_debits(self.debits, query), query.bucket)
+
+    async def totals(self, device: str) -> tuple[int, int]:
+        granted = sum(g.tokens for g in self.grants if g.device == device)
+        return granted, sum(d.tokens for d in self.debits if d.device == device)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        return self.meta.get(key)
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        self.meta[key] = value
+
+
+def filter_debits(debits: Iterable[Debit], query: UsageQuery) -> list[Debit]:
+    """The debits matching ``query``'s filters."""
+    return [
+        d
+        for d in debits
+        if (query.device is None or d.device == query.device)
+        and (query.account is None or d.account == query.account)
+        and (query.meter is None or d.meter == query.meter)
+        and (query.since_ms is None or d.at_ms >= query.since_ms)
+        and (query.until_ms is None or d.at_ms < query.until_ms)
+    ]
+
+
+def summarize(debits: Sequence[Debit], bucket: Bucket) -> list[UsageRow]:
+    """Group debits by (bucket, device, account, meter), in that sort order."""
+    sums: dict[tuple[int | None, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for d in debits:
+        key = (bucket_start(d.at_ms, bucket), d.device, d.account, d.meter)
+        sums[key][0] += d.to_units - d.from_units
+        sums[key][1] += d.tokens
+    ordered = sorted(sums.items(), key=lambda kv: (kv[0][0] or 0, *kv[0][1:]))
+    return [UsageRow(k[0], k[1], k[2], k[3], units, tokens) for k, (units, tokens) in ordered]

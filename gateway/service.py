@@ -1,0 +1,362 @@
+"""The metering service: the report pipeline and the admin operations around one state.
+
+Flow of a report (docs/architecture.md):
+
+    paho thread ──call_soon_threadsafe──▶ inbox ──▶ verify stage (worker threads)
+        ──▶ charge stage: charge_batch (pure) ▶ ledger.commit (one transaction)
+        ▶ registry.apply ▶ MQTT acks (in order) ▶ control messages, events
+        ▶ fleet state (coalesced, every 200 ms)
+
+Acknowledgement strictly follows the commit: a gateway killed at any instant leaves
+every unacknowledged report with the broker, which redelivers it on reconnect (the
+persistent session), and the charging rule makes a redelivered report debit nothing
+twice. A commit that fails is retried with back-off; nothing is acknowledged meanwhile.
+
+Admin operations (provision, refill, revoke) take the same lock as the charge stage, so
+they are ordered with batches, and are likewise commit first, then publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.errors import BadRequest, Conflict, LedgerError, NotFound
+from gateway.ingest import (
+    BatchResult,
+    Pricing,
+    Registry,
+    Rejected,
+    charge_batch,
+    transition_event,
+    verify,
+)
+from gateway.ledger import Grant, Ledger, LedgerWrite, UsageQuery, UsageRow
+from gateway.metering import Device, credit, next_control
+from gateway.metrics import Metrics
+from gateway.mqtt import Incoming
+from gateway.topics import Topics
+from gateway.views import Event, state_json
+from gateway.wire import MAX_UINT, ControlMessage, UsageReport, is_device_id, sign_control
+
+log = logging.getLogger("tokenwell.gateway")
+
+Clock = Callable[[], int]  # milliseconds since the Unix epoch
+MAX_BATCH = 1000
+INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
+MAX_TOKENS = 2**62
+
+
+class Publisher:
+    """What the service needs from MQTT: publish and acknowledge (see gateway.mqtt)."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        raise NotImplementedError
+
+    def ack(self, mid: int) -> None:
+        raise NotImplementedError
+
+
+class MeteringService:
+    """Owns the registry; the only writer of the ledger."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        pricing: Pricing,
+        topics: Topics,
+        signing_key: Ed25519PrivateKey,
+        clock: Clock,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.pricing = pricing
+        self.topics = topics
+        self.registry = Registry()
+        self.metrics = metrics or Metrics()
+        self._key = signing_key
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._mqtt: Publisher | None = None
+        self._dirty: set[str] = set()
+        self._pending_controls: dict[int, tuple[str, int]] = {}
+        self._announced_unpriced: set[tuple[str, str]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
+        self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._verified: asyncio.Queue[tuple[list[Incoming], list[UsageReport | Rejected]]]
+        self._verified = asyncio.Queue(maxsize=2)
+        self.committed = asyncio.Condition()  # notified after every committed batch
+        self.ledger_healthy = True
+
+    # --- start-up -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild the in-memory registry from the ledger."""
+        snapshot = await self.ledger.load()
+        self.registry.devices = {d.id: d for d in snapshot.devices}
+        for mark in snapshot.highs:
+            self.registry.highs.setdefault((mark.device, mark.boot), {})[mark.meter] = mark.high
+        self._dirty.update(self.registry.devices)
+        self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
+
+    def attach(self, mqtt: Publisher) -> None:
+        """Connect the service to MQTT and re-send control messages not yet confirmed."""
+        self._mqtt = mqtt
+        for device in self.registry.devices.values():
+            if device.control is not None and device.control.seq > device.control_sent:
+                self._publish_control(device.control)
+
+    # --- the pipeline -------------------------------------------------------------
+
+    async def verify_stage(self, stopping: asyncio.Event) -> None:
+        """Take received messages in batches, verify them, hand them to the charge stage."""
+        while not stopping.is_set():
+            first = await _get_or_stop(self.inbox, stopping)
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            self.metrics.backlog.set(self.inbox.qsize() + len(batch))
+            await self._verified.put((batch, await self._verify(batch)))
+        await self._verified.put(([], []))  # tells the charge stage to finish
+
+    async def _verify(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
+        items = [(self.topics.device_of_usage(m.topic), m.payload) for m in batch]
+        if len(items) <= INLINE_VERIFY:
+            return _verify_all(items, self.registry)
+        loop = asyncio.get_running_loop()
+        step = -(-len(items) // (self._pool._max_workers))
+        chunks = [items[i : i + step] for i in range(0, len(items), step)]
+        futures = [loop.run_in_executor(self._pool, _verify_all, c, self.registry) for c in chunks]
+        return [item for part in await asyncio.gather(*futures) for item in part]
+
+    async def charge_stage(self) -> None:
+        """Charge, commit, then acknowledge and publish, batch after batch, in order."""
+        while True:
+            batch, items = await self._verified.get()
+            if not batch:
+                return
+            async with self._lock:
+                result = charge_batch(items, self.registry, self.pricing, self._clock())
+                await self._commit(result.write)
+                self.registry.apply(result.devices, result.highs)
+            assert self._mqtt is not None
+            for message in batch:
+                self._mqtt.ack(message.mid)
+            self._after_batch(result, len(batch))
+            async with self.committed:
+                self.committed.notify_all()
+
+    async def _commit(self, write: LedgerWrite) -> None:
+        """Commit, retrying with back-off until it succeeds (nothing is acked before)."""
+        delay = 0.05
+        while True:
+            try:
+                with self.metrics.commit_seconds.time():
+                    await self.ledger.commit(write)
+            except LedgerError as exc:
+                self.ledger_healthy = False
+                self.metrics.commit_failures.inc()
+                log.error("ledger commit failed, retrying in %.2fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                self.ledger_healthy = True
+                return
+
+    def _after_batch(self, result: BatchResult, received: int) -> None:
+        m = self.metrics
+        m.batch_size.observe(received)
+        m.reports.labels("charged").inc(result.charged)
+        m.reports.labels("duplicate").inc(result.duplicates)
+        m.reports.labels("rejected").inc(len(result.rejected))
+        m.tokens_debited.inc(result.tokens)
+        for item in result.rejected:
+            m.rejected.labels(item.rejection.reason.value).inc()
+        for control in result.controls:
+            self._publish_control(control)
+        for event in result.events:
+            if event.type == "unpriced_meter":
+                key = (event.device, str(event.details["meter"]))
+                if key in self._announced_unpriced:
+                    continue
+                self._announced_unpriced.add(key)
+            self.publish_event(event)
+        self._dirty.update(result.devices)
+        m.backlog.set(self.inbox.qsize())
+
+    # --- publishing -----------------------------------------------------------------
+
+    def _publish_control(self, control: ControlMessage) -> None:
+        if self._mqtt is None:
+            return
+        payload = sign_control(control, self._key)
+        mid = self._mqtt.publish(self.topics.control(control.device), payload, retain=True)
+        self._pending_controls[mid] = (control.device, control.seq)
+        self.metrics.controls.labels(control.state).inc()
+
+    def control_published(self, mid: int) -> None:
+        """The broker confirmed a publish: remember which control ``n`` it delivered.
+
+        The mark is persisted with the device's next write; a crash before that only
+        means the same message (same ``n``) is published once more at start-up.
+        """
+        sent = self._pending_controls.pop(mid, None)
+        if sent is None:
+            return
+        device = self.registry.devices.get(sent[0])
+        if device is not None and device.control_sent < sent[1]:
+            self.registry.devices[device.id] = replace(device, control_sent=sent[1])
+
+    def publish_event(self, event: Event) -> None:
+        self.metrics.events.labels(event.type).inc()
+        if self._mqtt is not None:
+            self._mqtt.publish(self.topics.event(event.type), event.to_json())
+
+    def flush_fleet_state(self, limit: int = 5000) -> int:
+        """Publish the retained state of up to ``limit`` changed devices; returns how many."""
+        if self._mqtt is None:
+            return 0
+        count = 0
+        while self._dirty and count < limit:
+            device = self.registry.devices.get(self._dirty.pop())
+            if device is not None:
+                self._mqtt.publish(self.topics.fleet_device(device.id), state_json(device), retain=True)
+                count += 1
+        return count
+
+    # --- admin operations -----------------------------------------------------------
+
+    async def provision(self, device_id: str, public_key: bytes, tokens: int, account: str | None) -> Device:
+        """Add a device with an initial allocation; raises Conflict if the id exists."""
+        _check_tokens(tokens, allow_zero=True)
+        if not is_device_id(device_id):
+            raise BadRequest("id must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        account = account or device_id
+        if not is_device_id(account):
+            raise BadRequest("account must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        async with self._lock:
+            if device_id in self.registry.devices:
+                raise Conflict(f"device {device_id!r} already exists")
+            now = self._clock()
+            device = Device(device_id, public_key, account, tokens, 0, now, now)
+            control = next_control(device, self.pricing.ladder, now, why="provisioned", force=True)
+            device = replace(device, control=control)
+            grant = Grant(device_id, account, tokens, "initial", now)
+            await self._commit_admin(LedgerWrite(devices=[device], grants=[grant]))
+            self.metrics.devices.inc()
+            self.metrics.tokens_granted.inc(tokens)
+        self._announce(device, Event("device_added", device_id, now, {"tokens": tokens, "account": account}))
+        return device
+
+    async def refill(self, device_id: str, tokens: int, idempotency_key: str | None) -> tuple[Device, bool]:
+        """Credit ``tokens``; returns the device and whether this was a replayed request.
+
+        A retried request with the same ``Idempotency-Key`` credits nothing more; the
+        same key with a different amount is a Conflict.
+        """
+        _check_tokens(tokens, allow_zero=False)
+        async with self._lock:
+            device = self._existing(device_id)
+            if idempotency_key is not None:
+                earlier = await self.ledger.find_grant(device_id, idempotency_key)
+                if earlier is not None:
+                    if earlier.tokens != tokens:
+                        raise Conflict("Idempotency-Key was used for a different refill")
+                    return device, True
+            if device.revoked:
+                raise Conflict(f"device {device_id!r} is revoked")
+            now = self._clock()
+            previous = device.control.state if device.control else "ok"
+            device = credit(device, tokens, now)
+            control = next_control(device, self.pricing.ladder, now, why="refill", force=True)
+            device = replace(device, control=control)
+            grant = Grant(device_id, device.account, tokens, "refill", now, idempotency_key)
+            await self._commit_admin(LedgerWrite(devices=[device], grants=[grant]))
+            self.metrics.tokens_granted.inc(tokens)
+        events = [Event("refill", device_id, now, {"tokens": tokens, "balance": device.balance})]
+        if control is not None and control.state != previous:
+            events.append(transition_event(device_id, previous, control))
+        self._announce(device, *events)
+        return device, False
+
+    async def revoke(self, device_id: str) -> Device:
+        """Revoke a device: its reports are rejected from now on and it is sent ``block``."""
+        async with self._lock:
+            device = self._existing(device_id)
+            if device.revoked:
+                return device
+            now = self._clock()
+            device = replace(device, revoked=True, updated_ms=now)
+            control = next_control(device, self.pricing.ladder, now, force=True)
+            device = replace(device, control=control)
+            await self._commit_admin(LedgerWrite(devices=[device]))
+            self.metrics.devices.dec()
+        self._announce(device, Event("device_revoked", device_id, now))
+        return device
+
+    def _existing(self, device_id: str) -> Device:
+        device = self.registry.devices.get(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        return device
+
+    async def _commit_admin(self, write: LedgerWrite) -> None:
+        await self.ledger.commit(write)  # a LedgerError surfaces to the caller: nothing applied
+        self.registry.apply({d.id: d for d in write.devices}, {})
+
+    def _announce(self, device: Device, *events: Event) -> None:
+        if device.control is not None and device.control.seq > device.control_sent:
+            self._publish_control(device.control)
+        for event in events:
+            self.publish_event(event)
+        self._dirty.add(device.id)
+
+    def device(self, device_id: str) -> Device:
+        """The device's current record; raises NotFound."""
+        return self._existing(device_id)
+
+    def devices(self) -> list[Device]:
+        return sorted(self.registry.devices.values(), key=lambda d: d.id)
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        return await self.ledger.usage(query)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _verify_all(
+    items: Sequence[tuple[str | None, bytes]], registry: Registry
+) -> list[UsageReport | Rejected]:
+    return [verify(device_id, payload, registry) for device_id, payload in items]
+
+
+def _check_tokens(tokens: object, *, allow_zero: bool) -> None:
+    if type(tokens) is not int or tokens < (0 if allow_zero else 1) or tokens > MAX_TOKENS:
+        low = 0 if allow_zero else 1
+        raise BadRequest(f"tokens must be a whole number from {low} to {MAX_TOKENS}")
+
+
+async def _get_or_stop(queue: asyncio.Queue[Incoming], stopping: asyncio.Event) -> Incoming | None:
+    """The next item, or None once ``stopping`` is set (items left stay unacknowledged)."""
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    stopper = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None
+
+
+assert MAX_TOKENS < MAX_UINT

@@ -1,0 +1,69 @@
+"""What operators see (contract §6): device state and events as JSON, built purely."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.metering import Device
+
+
+def rfc3339(ms: int | None) -> str | None:
+    """``ms`` since the Unix epoch as RFC 3339 UTC with milliseconds (``...Z``); None stays None."""
+    if ms is None:
+        return None
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def device_state(device: Device) -> dict[str, Any]:
+    """The fleet-state document of a device, also served by ``GET /v1/devices/{id}``."""
+    control = device.control
+    return {
+        "device": device.id,
+        "account": device.account,
+        "state": "revoked" if device.revoked else (control.state if control else "ok"),
+        "rate_permille": control.rate_permille if control else 1000,
+        "balance": device.balance,
+        "allocation": device.allocation,
+        "used": device.used,
+        "revoked": device.revoked,
+        "public_key": device.public_key.hex(),
+        "control_seq": control.seq if control else 0,
+        "created_at": rfc3339(device.created_ms),
+        "last_report_at": rfc3339(device.last_report_ms),
+        "updated_at": rfc3339(device.updated_ms),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An operator event: ``type`` is the topic's last level, ``details`` extra JSON fields."""
+
+    type: str
+    device: str
+    at_ms: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        body = {"type": self.type, "device": self.device, "at": rfc3339(self.at_ms)}
+        return json.dumps({**body, **self.details}, separators=(",", ":")).encode()
+
+
+def state_json(device: Device) -> bytes:
+    """:func:`device_state` encoded for the retained fleet topic."""
+    return json.dumps(device_state(device), separators=(",", ":")).encode()
+
+
+def parse_time(text: str) -> int:
+    """Parse RFC 3339 (``2026-11-28T10:00:00Z``), a date (``2026-11-28``, UTC midnight) or
+    ms since the Unix epoch into ms; raises ValueError otherwise. Naive times are UTC."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
