@@ -98,6 +98,9 @@ class MqttClient:
         self._on_connect_hook = on_connect
         self._on_published_hook = on_published
         self._subscriptions: dict[str, int] = {}
+        self._unconfirmed: set[int] = set()
+        self._all_confirmed = asyncio.Event()
+        self._all_confirmed.set()
         self.connected = asyncio.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -141,8 +144,7 @@ class MqttClient:
         self._loop.call_soon_threadsafe(self._inbox.put_nowait, incoming)
 
     def _handle_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        if self._on_published_hook is not None:
-            self._loop.call_soon_threadsafe(self._on_published_hook, mid)
+        self._loop.call_soon_threadsafe(self._confirmed, mid)
 
     # --- event loop side ------------------------------------------------------------
 
@@ -150,6 +152,13 @@ class MqttClient:
         self.connected.set()
         if self._on_connect_hook is not None:
             self._on_connect_hook()
+
+    def _confirmed(self, mid: int) -> None:
+        self._unconfirmed.discard(mid)
+        if not self._unconfirmed:
+            self._all_confirmed.set()
+        if self._on_published_hook is not None:
+            self._on_published_hook(mid)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again on every reconnect."""
@@ -176,14 +185,31 @@ class MqttClient:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its message id (reported to ``on_published`` on PUBACK)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            self._unconfirmed.add(info.mid)
+            self._all_confirmed.clear()
         return int(info.mid)
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker has confirmed every QoS 1 publish so far; False on timeout."""
+        try:
+            await asyncio.wait_for(self._all_confirmed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def ack(self, mid: int) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack``."""
         self._client.ack(mid, 1)
 
-    async def disconnect(self) -> None:
-        """Send DISCONNECT, flushing what is queued, and stop paho's thread."""
+    async def disconnect(self, flush_timeout: float = 5.0) -> None:
+        """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT.
+
+        paho drops what it has not written yet when it disconnects, so without the wait
+        QoS 1 messages published just before would be lost.
+        """
+        if self.connected.is_set():
+            await self.flush(flush_timeout)
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         self.connected.clear()

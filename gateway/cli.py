@@ -1,0 +1,223 @@
+"""The ``tokenwell`` command line (contract §8).
+
+Every command has ``--help``. A wrong argument, an unreachable broker or API, or a
+refused request gives one clear line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.client import AdminClient, ApiRefused, find_token
+from gateway.config import DEFAULT_PREFIX, load_settings
+from gateway.errors import TokenwellError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwell",
+        description="Tokenwell: metering gateway for connected devices that spend consumption tokens.",
+    )
+    parser.add_argument("--api", help="admin API URL (default $TOKENWELL_API or http://127.0.0.1:8080)")
+    parser.add_argument("--token", help="admin API bearer token (default $TOKENWELL_TOKEN or the "
+                        "token file beside the ledger)")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="broker, gateway, a simulated fleet and a live view")
+    demo.add_argument("--devices", type=int, default=6, help="simulated devices (default 6)")
+    demo.add_argument("--dir", type=Path, help="where to keep the ledger (default: a temp folder)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--no-auto-refill", action="store_true", help="leave blocked devices blocked")
+
+    gateway = commands.add_parser("gateway", help="run the gateway until SIGINT/SIGTERM")
+    gateway.add_argument("--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)")
+    gateway.add_argument("--db", type=Path, help="ledger file (default $TOKENWELL_DB)")
+    gateway.add_argument("--api", dest="listen", metavar="HOST:PORT", help="admin API address")
+    gateway.add_argument("--config", type=Path, help="TOML configuration (default $TOKENWELL_CONFIG)")
+    gateway.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    devices = commands.add_parser("devices", help="provisioning").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add = devices.add_parser("add", help="provision a device")
+    add.add_argument("id")
+    add.add_argument("--public-key", required=True, help="Ed25519 public key, 64 hex digits")
+    add.add_argument("--tokens", type=int, required=True, help="initial allocation")
+    add.add_argument("--account", help="owning account (default: the device id)")
+    devices.add_parser("list", help="list devices")
+    devices.add_parser("show", help="show one device").add_argument("id")
+    devices.add_parser("revoke", help="revoke a device").add_argument("id")
+
+    refill = commands.add_parser("refill", help="add tokens to a device")
+    refill.add_argument("id")
+    refill.add_argument("tokens", type=int)
+    refill.add_argument("--idempotency-key", help="a retry with the same key credits once")
+
+    usage = commands.add_parser("usage", help="who used what, over what time frame")
+    usage.add_argument("--device")
+    usage.add_argument("--account")
+    usage.add_argument("--meter")
+    usage.add_argument("--since", help="RFC 3339 time, a date, or ms since the epoch")
+    usage.add_argument("--until", help="exclusive end; RFC 3339 time, a date, or ms")
+    usage.add_argument("--bucket", choices=["hour", "day", "month", "all"], default="all")
+    usage.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    commands.add_parser("gateway-key", help="print the gateway's public key (hex)")
+
+    sim = commands.add_parser("sim", help="run simulated devices against a broker", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    watch = commands.add_parser("watch", help="live fleet view from the operator topics")
+    watch.add_argument("--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)")
+    watch.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
+    watch.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
+    watch.add_argument("--duration", type=float, help="stop after this many seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sim"]:  # the simulator owns its own arguments and --help
+        from device_sim.cli import main as sim_main
+
+        return sim_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    try:
+        return COMMANDS[args.command](args)
+    except ApiRefused as exc:
+        print(f"tokenwell: {exc.detail} ({exc.code})", file=sys.stderr)
+    except TokenwellError as exc:
+        print(f"tokenwell: {exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:  # raised out of a TaskGroup
+        print(f"tokenwell: {_first_leaf(group)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_ERROR
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    if not isinstance(error, TokenwellError | OSError):
+        raise error
+    return error
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(args.api, find_token(args.token))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config).with_overrides(broker=args.broker, db=args.db, api=args.listen)
+    settings.api_host_port  # noqa: B018 -- validates --api before anything starts
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "add":
+            _print_device(client.add_device(args.id, args.public_key, args.tokens, args.account))
+        elif args.action == "list":
+            _print_table(client.devices())
+        elif args.action == "show":
+            _print_device(client.device(args.id))
+        else:
+            _print_device(client.revoke(args.id))
+    return 0
+
+
+def cmd_refill(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.refill(args.id, args.tokens, args.idempotency_key)
+    if result.get("replayed"):
+        print("already applied (same Idempotency-Key): nothing more credited")
+    _print_device(result)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.usage(
+            device=args.device, account=args.account, meter=args.meter,
+            since=args.since, until=args.until, bucket=args.bucket,
+        )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    header = ("bucket", "device", "account", "meter", "units", "tokens")
+    rows = [tuple(str(r[k] if r[k] is not None else "all") for k in header) for r in result["rows"]]
+    _print_rows(header, rows)
+    print(f"total tokens: {result['total_tokens']}")
+    return 0
+
+
+def cmd_gateway_key(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.gateway_key())
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from gateway.config import DEFAULT_BROKER
+    from gateway.watch import watch
+
+    broker = args.broker or os.environ.get("TOKENWELL_BROKER") or DEFAULT_BROKER
+    asyncio.run(watch(broker, args.prefix, refresh=args.refresh, duration=args.duration))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    if args.devices < 1 or args.devices > 1000:
+        raise TokenwellError("--devices must be between 1 and 1000")
+    asyncio.run(run_demo(args.devices, args.dir, args.duration, not args.no_auto_refill))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "gateway": cmd_gateway,
+    "devices": cmd_devices,
+    "refill": cmd_refill,
+    "usage": cmd_usage,
+    "gateway-key": cmd_gateway_key,
+    "watch": cmd_watch,
+    "demo": cmd_demo,
+}
+
+_DEVICE_FIELDS = ("device", "account", "state", "rate_permille", "balance", "allocation", "used")
+
+
+def _print_device(device: dict[str, Any]) -> None:
+    for key in (*_DEVICE_FIELDS, "public_key", "last_report_at", "updated_at"):
+        print(f"{key:>15}: {device.get(key)}")
+
+
+def _print_table(devices: list[dict[str, Any]]) -> None:
+    _print_rows(_DEVICE_FIELDS, [tuple(str(d.get(k)) for k in _DEVICE_FIELDS) for d in devices])
+
+
+def _print_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
