@@ -35,7 +35,8 @@ class NewDevice(BaseModel):
     public_key: Annotated[StrictStr, Field(description="Ed25519 public key, 32 bytes in hex")]
     tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
     account: Annotated[
-        StrictStr | None, Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+        StrictStr | None,
+        Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"),
     ] = None
 
 
@@ -159,7 +160,9 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
         account: DeviceId | None = None,
         meter: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
         since: Annotated[str | None, Query(description="RFC 3339, a date, or ms")] = None,
-        until: Annotated[str | None, Query(description="exclusive; RFC 3339, a date, or ms")] = None,
+        until: Annotated[
+            str | None, Query(description="exclusive; RFC 3339, a date, or ms")
+        ] = None,
         bucket: Literal["hour", "day", "month", "all"] = "all",
     ) -> dict[str, Any]:
         """Who used what over what time frame: units and tokens per device and meter."""
@@ -171,8 +174,14 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
             "until": rfc3339(until_ms),
             "bucket": bucket,
             "rows": [
-                {"bucket": rfc3339(r.bucket_start_ms), "device": r.device, "account": r.account,
-                 "meter": r.meter, "units": r.units, "tokens": r.tokens}  # fmt: skip
+                {
+                    "bucket": rfc3339(r.bucket_start_ms),
+                    "device": r.device,
+                    "account": r.account,
+                    "meter": r.meter,
+                    "units": r.units,
+                    "tokens": r.tokens,
+                }
                 for r in rows
             ],
             "total_tokens": sum(r.tokens for r in rows),
@@ -187,7 +196,10 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
     async def healthz() -> JSONResponse:
         """Liveness: 200 while the ledger commits; 503 while commits are failing."""
         healthy = service.ledger_healthy
-        body = {"status": "ok" if healthy else "ledger_failing", "devices": len(service.registry.devices)}
+        body = {
+            "status": "ok" if healthy else "ledger_failing",
+            "devices": len(service.registry.devices),
+        }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")

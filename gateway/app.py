@@ -99,9 +99,13 @@ class Gateway:
         settings = self.settings
         key = await signing_key(ledger)
         token = admin_token(settings.db)
-        pricing = Pricing(settings.meters, settings.throttle, settings.device_clock_max_age_s * 1000)
+        pricing = Pricing(
+            settings.meters, settings.throttle, settings.device_clock_max_age_s * 1000
+        )
         clock = self.clock if callable(self.clock) else wall_clock_ms
-        service = MeteringService(ledger, pricing, Topics(settings.topic_prefix), key, clock, Metrics())
+        service = MeteringService(
+            ledger, pricing, Topics(settings.topic_prefix), key, clock, Metrics()
+        )
         self.service = service
         await service.load()
         mqtt = MqttClient(
@@ -130,7 +134,7 @@ class Gateway:
                 charging = tasks.create_task(service.charge_stage(), name="charge")
                 tasks.create_task(self._fleet_state(service), name="fleet-state")
                 tasks.create_task(server.serve(sockets=[sock]), name="admin-api")
-                tasks.create_task(self._announce_ready(server, mqtt), name="ready")
+                self._announce_ready()
                 await charging  # ends once stopping is set and in-flight work is committed
                 server.should_exit = True
                 self.stopping.set()
@@ -140,9 +144,9 @@ class Gateway:
             service.close()
             sock.close()
 
-    async def _announce_ready(self, server: uvicorn.Server, mqtt: MqttClient) -> None:
-        while not server.started:
-            await asyncio.sleep(0.01)
+    def _announce_ready(self) -> None:
+        """Log the ready line. The API socket is already listening: a request made now
+        waits in its backlog until uvicorn accepts it."""
         host = self.settings.api_host_port[0]
         log.info(
             "tokenwell gateway ready: broker %s, ledger %s, admin API http://%s:%d",

@@ -27,9 +27,11 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenwell",
-        description="Tokenwell: metering gateway for connected devices that spend consumption tokens.",
+        description="Tokenwell: a metering gateway for devices that spend consumption tokens.",
     )
-    parser.add_argument("--api", help="admin API URL (default $TOKENWELL_API or http://127.0.0.1:8080)")
+    parser.add_argument(
+        "--api", help="admin API URL (default $TOKENWELL_API or http://127.0.0.1:8080)"
+    )
     parser.add_argument("--token", help="admin API bearer token (default $TOKENWELL_TOKEN or the "
                         "token file beside the ledger)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -41,11 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-auto-refill", action="store_true", help="leave blocked devices blocked")
 
     gateway = commands.add_parser("gateway", help="run the gateway until SIGINT/SIGTERM")
-    gateway.add_argument("--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)")
+    gateway.add_argument(
+        "--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)"
+    )
     gateway.add_argument("--db", type=Path, help="ledger file (default $TOKENWELL_DB)")
     gateway.add_argument("--api", dest="listen", metavar="HOST:PORT", help="admin API address")
-    gateway.add_argument("--config", type=Path, help="TOML configuration (default $TOKENWELL_CONFIG)")
-    gateway.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    gateway.add_argument(
+        "--config", type=Path, help="TOML configuration (default $TOKENWELL_CONFIG)"
+    )
+    gateway.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
     devices = commands.add_parser("devices", help="provisioning").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -79,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
 
     watch = commands.add_parser("watch", help="live fleet view from the operator topics")
-    watch.add_argument("--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)")
+    watch.add_argument(
+        "--broker", help="broker URL (default $TOKENWELL_BROKER or mqtt://127.0.0.1:1883)"
+    )
     watch.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
     watch.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
     watch.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -95,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
-        return COMMANDS[args.command](args)
+        command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+        return command(args)
     except ApiRefused as exc:
         print(f"tokenwell: {exc.detail} ({exc.code})", file=sys.stderr)
     except TokenwellError as exc:
@@ -122,8 +133,12 @@ def _client(args: argparse.Namespace) -> AdminClient:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.app import serve
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(args.config).with_overrides(broker=args.broker, db=args.db, api=args.listen)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = load_settings(args.config).with_overrides(
+        broker=args.broker, db=args.db, api=args.listen
+    )
     settings.api_host_port  # noqa: B018 -- validates --api before anything starts
     asyncio.run(serve(settings))
     return 0

@@ -44,7 +44,9 @@ def find_token(explicit: str | None = None, db: Path | None = None) -> str | Non
 class AdminClient:
     """Calls the admin API at ``base_url`` with a bearer ``token``."""
 
-    def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 10.0):
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 10.0
+    ):
         self.base_url = (base_url or os.environ.get("TOKENWELL_API") or DEFAULT_API_URL).rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
@@ -93,7 +95,9 @@ class AdminClient:
         result: dict[str, Any] = self._call("DELETE", f"/v1/devices/{device}")
         return result
 
-    def refill(self, device: str, tokens: int, idempotency_key: str | None = None) -> dict[str, Any]:
+    def refill(
+        self, device: str, tokens: int, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         result: dict[str, Any] = self._call(
             "POST", f"/v1/devices/{device}/refill", json={"tokens": tokens}, headers=headers

@@ -15,7 +15,10 @@ class Metrics:
             "tokenwell_reports", "Usage reports processed, by outcome", ["outcome"], registry=r
         )
         self.rejected = Counter(
-            "tokenwell_rejected_reports", "Rejected usage reports, by reason", ["reason"], registry=r
+            "tokenwell_rejected_reports",
+            "Rejected usage reports, by reason",
+            ["reason"],
+            registry=r,
         )
         self.tokens_debited = Counter("tokenwell_tokens_debited", "Tokens debited", registry=r)
         self.tokens_granted = Counter("tokenwell_tokens_granted", "Tokens granted", registry=r)

@@ -123,14 +123,18 @@ class MqttClient:
 
     # --- paho thread: hand over to the loop, nothing else ----------------------------
 
-    def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _handle_connect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         if reason.is_failure:
             return
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)
         self._loop.call_soon_threadsafe(self._set_connected)
 
-    def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _handle_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         self._loop.call_soon_threadsafe(self.connected.clear)
 
     def _handle_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -140,10 +144,14 @@ class MqttClient:
             topic = message.topic
         except UnicodeDecodeError:  # brokers refuse these; never let it kill paho's loop
             topic = ""
-        incoming = Incoming(topic, message.payload, message.mid, message.qos, bool(message.retain))
+        incoming = Incoming(
+            topic, bytes(message.payload), message.mid, message.qos, bool(message.retain)
+        )
         self._loop.call_soon_threadsafe(self._inbox.put_nowait, incoming)
 
-    def _handle_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+    def _handle_publish(
+        self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
         self._loop.call_soon_threadsafe(self._confirmed, mid)
 
     # --- event loop side ------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -53,14 +54,12 @@ INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a th
 MAX_TOKENS = 2**62
 
 
-class Publisher:
+class Publisher(Protocol):
     """What the service needs from MQTT: publish and acknowledge (see gateway.mqtt)."""
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        raise NotImplementedError
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int: ...
 
-    def ack(self, mid: int) -> None:
-        raise NotImplementedError
+    def ack(self, mid: int) -> None: ...
 
 
 class MeteringService:
@@ -87,7 +86,9 @@ class MeteringService:
         self._dirty: set[str] = set()
         self._pending_controls: dict[int, tuple[str, int]] = {}
         self._announced_unpriced: set[tuple[str, str]] = set()
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
+        self._pool = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2, thread_name_prefix="verify"
+        )
         self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
         self._verified: asyncio.Queue[tuple[list[Incoming], list[UsageReport | Rejected]]]
         self._verified = asyncio.Queue(maxsize=2)
@@ -228,13 +229,17 @@ class MeteringService:
         while self._dirty and count < limit:
             device = self.registry.devices.get(self._dirty.pop())
             if device is not None:
-                self._mqtt.publish(self.topics.fleet_device(device.id), state_json(device), retain=True)
+                self._mqtt.publish(
+                    self.topics.fleet_device(device.id), state_json(device), retain=True
+                )
                 count += 1
         return count
 
     # --- admin operations -----------------------------------------------------------
 
-    async def provision(self, device_id: str, public_key: bytes, tokens: int, account: str | None) -> Device:
+    async def provision(
+        self, device_id: str, public_key: bytes, tokens: int, account: str | None
+    ) -> Device:
         """Add a device with an initial allocation; raises Conflict if the id exists."""
         _check_tokens(tokens, allow_zero=True)
         if not is_device_id(device_id):
@@ -253,10 +258,14 @@ class MeteringService:
             await self._commit_admin(LedgerWrite(devices=[device], grants=[grant]))
             self.metrics.devices.inc()
             self.metrics.tokens_granted.inc(tokens)
-        self._announce(device, Event("device_added", device_id, now, {"tokens": tokens, "account": account}))
+        self._announce(
+            device, Event("device_added", device_id, now, {"tokens": tokens, "account": account})
+        )
         return device
 
-    async def refill(self, device_id: str, tokens: int, idempotency_key: str | None) -> tuple[Device, bool]:
+    async def refill(
+        self, device_id: str, tokens: int, idempotency_key: str | None
+    ) -> tuple[Device, bool]:
         """Credit ``tokens``; returns the device and whether this was a replayed request.
 
         A retried request with the same ``Idempotency-Key`` credits nothing more; the

@@ -61,7 +61,9 @@ class GatewayHandle:
     def service(self) -> Any:
         return self.gateway.service
 
-    async def add_device(self, device: str, key: Ed25519PrivateKey, tokens: int, **extra: Any) -> dict[str, Any]:
+    async def add_device(
+        self, device: str, key: Ed25519PrivateKey, tokens: int, **extra: Any
+    ) -> dict[str, Any]:
         body = {"id": device, "public_key": public_key_hex(key), "tokens": tokens, **extra}
         reply = await self.api.post("/v1/devices", json=body)
         assert reply.status_code == 201, reply.text
@@ -83,9 +85,14 @@ class GatewayHandle:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    broker_url: str, data_dir: Path, *, prefix: str | None = None, meters: dict[str, str] | None = None,
-    client_id: str | None = None, throttle: list[dict[str, str]] | None = None,
-) -> AsyncIterator[GatewayHandle]:  # fmt: skip
+    broker_url: str,
+    data_dir: Path,
+    *,
+    prefix: str | None = None,
+    meters: dict[str, str] | None = None,
+    client_id: str | None = None,
+    throttle: list[dict[str, str]] | None = None,
+) -> AsyncIterator[GatewayHandle]:
     """Run a real gateway (SQLite ledger in ``data_dir``) against the broker."""
     os.environ["TOKENWELL_TOKEN"] = TOKEN
     raw: dict[str, Any] = {
@@ -107,7 +114,9 @@ async def running_gateway(
         task.result()  # raises why the gateway could not start
     assert ready in done, "gateway did not become ready"
     base = f"http://127.0.0.1:{gateway.api_port}"
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as api:
         key = public_key_from_hex((await api.get("/v1/gateway")).json()["public_key"])
         try:
             yield GatewayHandle(gateway, api, Topics(raw["topic_prefix"]), key)
@@ -125,7 +134,9 @@ class RawDevice:
     boot: int = 1
     number: int = 0
 
-    def report(self, counters: dict[str, int], *, boot: int | None = None, t: int = 1_800_000_000_000) -> bytes:
+    def report(
+        self, counters: dict[str, int], *, boot: int | None = None, t: int = 1_800_000_000_000
+    ) -> bytes:
         self.number += 1
         report = UsageReport(self.id, self.boot if boot is None else boot, self.number, t, counters)
         return sign_usage(report, self.key)
@@ -143,7 +154,9 @@ class Listener:
     @contextlib.asynccontextmanager
     async def connect(cls, broker_url: str, *filters: str) -> AsyncIterator[Listener]:
         inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        client = MqttClient(BrokerUrl.parse(broker_url), f"listener-{uuid.uuid4().hex[:8]}", inbox=inbox)
+        client = MqttClient(
+            BrokerUrl.parse(broker_url), f"listener-{uuid.uuid4().hex[:8]}", inbox=inbox
+        )
         for topic_filter in filters:
             client.subscribe(topic_filter)
         await client.connect()
@@ -155,7 +168,9 @@ class Listener:
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1)
 
-    async def wait_for(self, predicate: Callable[[Incoming], bool], timeout: float = 10.0) -> Incoming:
+    async def wait_for(
+        self, predicate: Callable[[Incoming], bool], timeout: float = 10.0
+    ) -> Incoming:
         """The first message (seen before or arriving now) satisfying ``predicate``."""
         for message in self.messages:
             if predicate(message):
@@ -195,7 +210,9 @@ class GatewayProcess:
     process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def prepare(cls, broker_url: str, data_dir: Path, config: str, port: int | None = None) -> GatewayProcess:
+    def prepare(
+        cls, broker_url: str, data_dir: Path, config: str, port: int | None = None
+    ) -> GatewayProcess:
         config_path = data_dir / "gateway.toml"
         config_path.write_text(config)
         port = port or free_port()

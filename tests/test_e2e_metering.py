@@ -21,19 +21,30 @@ def fleet_state(listener: Listener, topic: str) -> Any:
     return wait
 
 
-async def test_exhausted_device_is_blocked_and_a_refill_resumes_it(broker: Any, tmp_path: Path) -> None:
+async def test_exhausted_device_is_blocked_and_a_refill_resumes_it(
+    broker: Any, tmp_path: Path
+) -> None:
     """Throttle at 20 %, block at zero, ok again after a refill: all as signed control messages."""
     async with running_gateway(broker.url, tmp_path) as gw:
         device = RawDevice("meter-1")
         topics = gw.topics
-        async with Listener.connect(broker.url, topics.control(device.id), topics.all_events) as listen:
+        async with Listener.connect(
+            broker.url, topics.control(device.id), topics.all_events
+        ) as listen:
             await gw.add_device(device.id, device.key, 100)
             first = await listen.wait_control(topics, device.id, gw.key, lambda c: c.seq == 1)
             assert (first.state, first.rate_permille, first.why) == ("ok", 1000, "provisioned")
 
-            listen.publish(topics.usage(device.id), device.report({"api_calls": 8_100}))  # 81 tokens
+            listen.publish(
+                topics.usage(device.id), device.report({"api_calls": 8_100})
+            )  # 81 tokens
             low = await listen.wait_control(topics, device.id, gw.key, lambda c: c.seq == 2)
-            assert (low.state, low.rate_permille, low.balance, low.why) == ("throttle", 500, 19, "low_balance")
+            assert (low.state, low.rate_permille, low.balance, low.why) == (
+                "throttle",
+                500,
+                19,
+                "low_balance",
+            )
 
             listen.publish(topics.usage(device.id), device.report({"api_calls": 10_000}))
             blocked = await listen.wait_control(topics, device.id, gw.key, lambda c: c.seq == 3)
@@ -46,18 +57,24 @@ async def test_exhausted_device_is_blocked_and_a_refill_resumes_it(broker: Any, 
                 "ok", 1000, 50, "refill",
             )  # fmt: skip
             await listen.wait_for(lambda m: m.topic == topics.event("resume"))
-            kinds = {json.loads(m.payload)["type"] for m in listen.messages if "/fleet/events/" in m.topic}
+            kinds = {
+                json.loads(m.payload)["type"]
+                for m in listen.messages
+                if "/fleet/events/" in m.topic
+            }
             assert {"device_added", "throttle", "block", "refill", "resume"} <= kinds
 
 
-async def test_duplicates_replays_and_late_reports_charge_exactly_once(broker: Any, tmp_path: Path) -> None:
+async def test_duplicates_replays_and_late_reports_charge_exactly_once(
+    broker: Any, tmp_path: Path
+) -> None:
     """A stream full of duplicates, replays and reorders costs exactly charged(final counters)."""
     async with running_gateway(broker.url, tmp_path) as gw:
         device = RawDevice("dup-1")
         await gw.add_device(device.id, device.key, 1_000_000)
         counts = [(100, 3), (250, 7), (250, 7), (600, 10), (400, 9), (1000, 20)]
         envelopes = [device.report({"api_calls": a, "gpu_seconds": g}) for a, g in counts]
-        stream = envelopes + [envelopes[1], envelopes[0], envelopes[-1], envelopes[3]]
+        stream = [*envelopes, envelopes[1], envelopes[0], envelopes[-1], envelopes[3]]
         old_epoch = device.report({"api_calls": 50}, boot=0)  # a late report of an earlier epoch
         async with Listener.connect(broker.url) as publisher:
             for payload in [*stream, old_epoch]:
@@ -79,7 +96,9 @@ def _processed(gw: Any) -> int:
     return int(sum(reports.labels(o)._value.get() for o in ("charged", "duplicate", "rejected")))
 
 
-async def test_bad_reports_are_rejected_with_events_and_debit_nothing(broker: Any, tmp_path: Path) -> None:
+async def test_bad_reports_are_rejected_with_events_and_debit_nothing(
+    broker: Any, tmp_path: Path
+) -> None:
     async with running_gateway(broker.url, tmp_path) as gw:
         device, stranger = RawDevice("victim-1"), RawDevice("stranger-1")
         await gw.add_device(device.id, device.key, 1000)
@@ -114,27 +133,41 @@ async def test_fleet_state_topic_follows_every_change(broker: Any, tmp_path: Pat
             assert (state["account"], state["state"], state["allocation"]) == ("acme", "ok", 500)
             listen.publish(gw.topics.usage(device.id), device.report({"api_calls": 30_000}))
             state = await wait(lambda s: s["used"] == 300)
-            assert (state["balance"], state["state"], state["last_report_at"] is not None) == (200, "ok", True)
+            assert (state["balance"], state["state"], state["last_report_at"] is not None) == (
+                200,
+                "ok",
+                True,
+            )
 
 
-async def test_revoked_device_is_blocked_and_its_reports_rejected(broker: Any, tmp_path: Path) -> None:
+async def test_revoked_device_is_blocked_and_its_reports_rejected(
+    broker: Any, tmp_path: Path
+) -> None:
     async with running_gateway(broker.url, tmp_path) as gw:
         device = RawDevice("revoke-1")
         topics = gw.topics
-        async with Listener.connect(broker.url, topics.control(device.id), topics.event("rejected")) as listen:
+        async with Listener.connect(
+            broker.url, topics.control(device.id), topics.event("rejected")
+        ) as listen:
             await gw.add_device(device.id, device.key, 1000)
             assert (await gw.api.delete(f"/v1/devices/{device.id}")).status_code == 200
-            control = await listen.wait_control(topics, device.id, gw.key, lambda c: c.state == "block")
+            control = await listen.wait_control(
+                topics, device.id, gw.key, lambda c: c.state == "block"
+            )
             assert control.why == "revoked"
             listen.publish(topics.usage(device.id), device.report({"api_calls": 100}))
             await listen.wait_for(
-                lambda m: m.topic == topics.event("rejected")
-                and json.loads(m.payload)["reason"] == "revoked_device"
+                lambda m: (
+                    m.topic == topics.event("rejected")
+                    and json.loads(m.payload)["reason"] == "revoked_device"
+                )
             )
         assert (await gw.device(device.id))["used"] == 0
 
 
-async def test_reports_sent_while_the_gateway_is_down_are_charged_once(broker: Any, tmp_path: Path) -> None:
+async def test_reports_sent_while_the_gateway_is_down_are_charged_once(
+    broker: Any, tmp_path: Path
+) -> None:
     """The persistent session queues reports for a stopped gateway; they are charged on return."""
     client_id, prefix = "gw-persistent", "persist/v1"
     device = RawDevice("offline-1")
