@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.client import AdminClient, ApiRefused, find_token
 from gateway.config import DEFAULT_PREFIX, load_settings
@@ -24,8 +24,15 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line on stderr (contract §8), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokenwell",
         description="Tokenwell: a metering gateway for devices that spend consumption tokens.",
     )
@@ -34,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--token", help="admin API bearer token (default $TOKENWELL_TOKEN or the "
                         "token file beside the ledger)")  # fmt: skip
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     demo = commands.add_parser("demo", help="broker, gateway, a simulated fleet and a live view")
     demo.add_argument("--devices", type=int, default=6, help="simulated devices (default 6)")
