@@ -133,13 +133,15 @@ def _string(value: object, key: str, source: str) -> str:
 
 def _topic_prefix(value: object, source: str) -> str:
     if not isinstance(value, str) or not _PREFIX.match(value):
-        raise ConfigError(f"{source}: topic_prefix {value!r} must be levels of A-Za-z0-9_.- joined by '/'")
+        raise ConfigError(
+            f"{source}: topic_prefix {value!r} must be levels of A-Za-z0-9_.- joined by '/'"
+        )
     return value
 
 
 def _meters(table: object, source: str) -> Mapping[str, Fraction]:
     if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [meters] must be a table of name = \"price\"")
+        raise ConfigError(f'{source}: [meters] must be a table of name = "price"')
     prices: dict[str, Fraction] = {}
     for name, text in table.items():
         if not is_meter_name(name):

@@ -62,7 +62,9 @@ class Registry:
             key = self._keys[device.id] = Ed25519PublicKey.from_public_bytes(device.public_key)
         return key
 
-    def apply(self, devices: Mapping[str, Device], highs: Mapping[HighsKey, dict[str, int]]) -> None:
+    def apply(
+        self, devices: Mapping[str, Device], highs: Mapping[HighsKey, dict[str, int]]
+    ) -> None:
         """Make a committed batch's effects visible."""
         self.devices.update(devices)
         self.highs.update(highs)
@@ -161,8 +163,17 @@ def _charge_one(
         new_highs[line.meter] = line.to_units
         result.write.highs.append(HighMark(device.id, report.boot, line.meter, line.to_units))
         result.write.debits.append(
-            Debit(device.id, device.account, report.boot, line.meter, line.from_units,
-                  line.to_units, line.tokens, at_ms, now_ms)  # fmt: skip
+            Debit(
+                device.id,
+                device.account,
+                report.boot,
+                line.meter,
+                line.from_units,
+                line.to_units,
+                line.tokens,
+                at_ms,
+                now_ms,
+            )  # fmt: skip
         )
     result.highs[key] = new_highs
     result.devices[device.id] = _with_control(

@@ -56,7 +56,9 @@ def charge(report: UsageReport, highs: Mapping[str, int], prices: Mapping[str, F
             continue
         high = highs.get(meter, 0)
         if count > high:
-            lines.append(ChargeLine(meter, high, count, charged(count, price) - charged(high, price)))
+            lines.append(
+                ChargeLine(meter, high, count, charged(count, price) - charged(high, price))
+            )
     return Charge(tuple(lines), tuple(unpriced))
 
 
@@ -129,9 +131,14 @@ def next_control(
     """
     level = decide_level(device, ladder)
     last = device.control
-    if last is not None and not force and (last.state, last.rate_permille) == (
-        level.state,
-        level.rate_permille,
+    if (
+        last is not None
+        and not force
+        and (last.state, last.rate_permille)
+        == (
+            level.state,
+            level.rate_permille,
+        )
     ):
         return None
     reason = why if (why is not None and level.state == "ok") else level.why

@@ -59,7 +59,9 @@ _DEVICE_COLUMNS = (
     "id, public_key, account, allocation, used, created_ms, updated_ms, revoked, "
     "last_report_ms, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent"
 )
-_UPSERT_DEVICE = f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+_UPSERT_DEVICE = (
+    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+)
 _UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high) VALUES (?, ?, ?, ?)"
 _INSERT_DEBIT = (
     "INSERT INTO debits (device, account, boot, meter, from_units, to_units, tokens, at_ms,"
@@ -80,9 +82,7 @@ _BUCKET_SQL = {
 def device_row(device: Device) -> tuple[Any, ...]:
     """A :class:`Device` as a ``devices`` row."""
     c = device.control
-    control = (
-        (c.seq, c.time_ms, c.state, c.rate_permille, c.balance, c.why) if c else (None,) * 6
-    )
+    control = (c.seq, c.time_ms, c.state, c.rate_permille, c.balance, c.why) if c else (None,) * 6
     return (
         device.id, device.public_key, device.account, device.allocation, device.used,
         device.created_ms, device.updated_ms, int(device.revoked), device.last_report_ms,
@@ -257,7 +257,11 @@ def _debit_row(d: Debit) -> tuple[Any, ...]:
 def _usage_filters(query: UsageQuery) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
-    for column, value in (("device", query.device), ("account", query.account), ("meter", query.meter)):
+    for column, value in (
+        ("device", query.device),
+        ("account", query.account),
+        ("meter", query.meter),
+    ):
         if value is not None:
             clauses.append(f"{column} = ?")
             args.append(value)

@@ -42,13 +42,17 @@ async def test_provision_refill_usage_and_revoke_through_the_cli(
             publisher.publish(gw.topics.usage("cli-1"), device.report({"api_calls": 12_345}))
             await gw.wait_committed(lambda: gw.service.registry.devices["cli-1"].used == 124)
         listed = await run_cli("devices", "list", api=api)
-        assert "cli-1" in listed.stdout and "376" in listed.stdout
+        assert "cli-1" in listed.stdout
+        assert "376" in listed.stdout
         refill = await run_cli("refill", "cli-1", "100", "--idempotency-key", "k1", api=api)
         assert "allocation: 600" in refill.stdout
         again = await run_cli("refill", "cli-1", "100", "--idempotency-key", "k1", api=api)
-        assert "already applied" in again.stdout and "allocation: 600" in again.stdout
+        assert "already applied" in again.stdout
+        assert "allocation: 600" in again.stdout
         usage = await run_cli("usage", "--device", "cli-1", "--bucket", "day", api=api)
-        assert usage.returncode == 0 and "api_calls" in usage.stdout and "12345" in usage.stdout
+        assert usage.returncode == 0
+        assert "api_calls" in usage.stdout
+        assert "12345" in usage.stdout
         assert "total tokens: 124" in usage.stdout
         key_line = await run_cli("gateway-key", api=api)
         assert key_line.stdout.strip() == (await gw.api.get("/v1/gateway")).json()["public_key"]
@@ -65,15 +69,14 @@ async def test_refused_requests_are_one_line_without_traceback(
         api = str(gw.api.base_url)
         missing = await run_cli("devices", "show", "nobody", api=api)
         assert missing.returncode == 1
-        assert missing.stderr.strip().count("\n") == 0 and "not_found" in missing.stderr
+        assert missing.stderr.strip().count("\n") == 0
+        assert "not_found" in missing.stderr
         bad_key = await run_cli(
             "devices", "add", "x", "--public-key", "abc", "--tokens", "1", api=api
         )
-        assert (
-            bad_key.returncode == 1
-            and "hex" in bad_key.stderr
-            and "Traceback" not in bad_key.stderr
-        )
+        assert bad_key.returncode == 1
+        assert "hex" in bad_key.stderr
+        assert "Traceback" not in bad_key.stderr
 
 
 def test_unreachable_api_and_bad_arguments_are_one_clear_line() -> None:
@@ -82,9 +85,12 @@ def test_unreachable_api_and_bad_arguments_are_one_clear_line() -> None:
     assert down.stderr.startswith("tokenwell: cannot reach the admin API")
     assert down.stderr.count("\n") == 1
     wrong = tokenwell("refill", "dev", "lots")
-    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "invalid int" in wrong.stderr
+    assert wrong.returncode == 2
+    assert wrong.stderr.count("\n") == 1
+    assert "invalid int" in wrong.stderr
     unknown = tokenwell("frobnicate")
-    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.returncode == 2
+    assert "Traceback" not in unknown.stderr
 
 
 def test_gateway_with_a_bad_config_stops_at_start_up_naming_the_key(tmp_path: Path) -> None:
@@ -92,10 +98,12 @@ def test_gateway_with_a_bad_config_stops_at_start_up_naming_the_key(tmp_path: Pa
     config.write_text('[meters]\napi_calls = "cheap"\n')
     result = tokenwell("gateway", "--config", str(config), "--db", str(tmp_path / "l.db"))
     assert result.returncode == 1
-    assert "meters.api_calls" in result.stderr and "Traceback" not in result.stderr
+    assert "meters.api_calls" in result.stderr
+    assert "Traceback" not in result.stderr
     config.write_text('colour = "blue"\n')
     result = tokenwell("gateway", "--config", str(config), "--db", str(tmp_path / "l.db"))
-    assert result.returncode == 1 and "'colour'" in result.stderr
+    assert result.returncode == 1
+    assert "'colour'" in result.stderr
 
 
 def test_every_command_has_help() -> None:
