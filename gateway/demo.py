@@ -185,7 +185,7 @@ async def _refill_blocked(
             await api.post(f"/v1/devices/{device}/refill", json={"tokens": tokens})
             blocked_since.pop(device)
             notes.append(
-                f"auto-refill after {REFILL_AFTER_S:.0f}s blocked: tokenwell refill {device} {tokens}"
+                f"auto-refill, blocked {REFILL_AFTER_S:.0f}s: tokenwell refill {device} {tokens}"
             )
     return notes
 
