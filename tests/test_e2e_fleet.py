@@ -33,9 +33,8 @@ async def test_a_faulty_fleet_ends_with_every_balance_exact(broker: Any, tmp_pat
         devices = make_devices(12, seed=3, rates=RATES, id_prefix="fleet")
         for device in devices:
             await gw.add_device(device.device_id, device.key, 1_000_000)
-        faults = FaultPlan(
-            duplicate=0.2, replay=0.15, reorder=0.15, forge=0.05, impersonate=0.05, malformed=0.05, seed=11
-        )  # fmt: skip
+        rates = {"duplicate": 0.2, "replay": 0.15, "reorder": 0.15}
+        faults = FaultPlan(**rates, forge=0.05, impersonate=0.05, malformed=0.05, seed=11)
         prefix = gw.topics.prefix
         fleet = Fleet.create(
             devices, BrokerUrl.parse(broker.url), gw.key, prefix, faults, clock=lambda: START_MS
