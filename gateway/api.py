@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException
 
 import gateway
@@ -24,6 +24,18 @@ from gateway.service import MAX_TOKENS, MeteringService
 from gateway.views import device_state, parse_time, rfc3339
 
 VERSION = "0.1.0"
+TIME = (
+    r"^(\d{1,15}|\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?)$"
+)
+
+
+def _whole_number(value: object) -> object:
+    """JSON Schema counts 10.0 as an integer: accept it, but never a bool or a string."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
@@ -32,8 +44,11 @@ class NewDevice(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     id: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    public_key: Annotated[StrictStr, Field(description="Ed25519 public key, 32 bytes in hex")]
-    tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+    public_key: Annotated[
+        StrictStr,
+        Field(pattern=r"^[0-9A-Fa-f]{64}$", description="Ed25519 public key, 32 bytes in hex"),
+    ]
+    tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS), BeforeValidator(_whole_number)]
     account: Annotated[
         StrictStr | None,
         Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"),
@@ -44,7 +59,7 @@ class Refill(BaseModel):
     """``POST /v1/devices/{id}/refill``."""
 
     model_config = ConfigDict(extra="ignore")
-    tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
+    tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS), BeforeValidator(_whole_number)]
 
 
 class DeviceView(BaseModel):
@@ -192,7 +207,7 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
         """The public key that signs control messages."""
         return {"public_key": gateway_key_hex, "version": VERSION}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "ledger commits are failing"}})
     async def healthz() -> JSONResponse:
         """Liveness: 200 while the ledger commits; 503 while commits are failing."""
         healthy = service.ledger_healthy
@@ -202,7 +217,7 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")

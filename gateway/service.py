@@ -44,14 +44,15 @@ from gateway.metrics import Metrics
 from gateway.mqtt import Incoming
 from gateway.topics import Topics
 from gateway.views import Event, state_json
-from gateway.wire import MAX_UINT, ControlMessage, UsageReport, is_device_id, sign_control
+from gateway.wire import ControlMessage, UsageReport, is_device_id, sign_control
 
 log = logging.getLogger("tokenwell.gateway")
 
 Clock = Callable[[], int]  # milliseconds since the Unix epoch
 MAX_BATCH = 1000
 INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
-MAX_TOKENS = 2**62
+MAX_ALLOCATION = 2**62  # balances and sums stay far inside SQLite's 64-bit integers
+MAX_TOKENS = 10**15  # per request; far below 2**63 so sums of many stay in range
 
 
 class Publisher(Protocol):
@@ -282,6 +283,8 @@ class MeteringService:
                     return device, True
             if device.revoked:
                 raise Conflict(f"device {device_id!r} is revoked")
+            if device.allocation + tokens > MAX_ALLOCATION:
+                raise BadRequest(f"the allocation would exceed {MAX_ALLOCATION} tokens")
             now = self._clock()
             previous = device.control.state if device.control else "ok"
             device = credit(device, tokens, now)
@@ -366,6 +369,3 @@ async def _get_or_stop(queue: asyncio.Queue[Incoming], stopping: asyncio.Event) 
         return getter.result()
     getter.cancel()
     return None
-
-
-assert MAX_TOKENS < MAX_UINT

@@ -55,8 +55,8 @@ async def test_provision_show_list_and_conflict(gw: GatewayHandle) -> None:
     ("body", "fragment"),
     [
         ({"id": "bad id!", "public_key": "00" * 32, "tokens": 1}, "id"),
-        ({"id": "ok", "public_key": "zz", "tokens": 1}, "hex"),
-        ({"id": "ok", "public_key": "00" * 31, "tokens": 1}, "32 bytes"),
+        ({"id": "ok", "public_key": "zz", "tokens": 1}, "public_key"),
+        ({"id": "ok", "public_key": "00" * 31, "tokens": 1}, "public_key"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": -1}, "tokens"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": "10"}, "tokens"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": 1.5}, "tokens"),
