@@ -34,7 +34,7 @@ from gateway.topics import Topics
 from gateway.wire import public_key_hex
 
 log = logging.getLogger("tokenwell.gateway")
-FLEET_STATE_INTERVAL = 0.2  # seconds: operator topics follow a change well within a second
+FLEET_STATE_INTERVAL = 0.5  # seconds: operator topics follow a change within a second
 
 
 def wall_clock_ms() -> int:

@@ -2,7 +2,7 @@
 
 paho runs its network loop in its own thread. It crosses into asyncio at exactly one
 point: its callbacks only hand values to the event loop with ``call_soon_threadsafe``
-(aiosqlite's ``core.py`` does the same for its worker thread). Nothing else here touches
+(batched by :class:`_Handoff`; aiosqlite's ``core.py`` does the same for its worker thread). Nothing else here touches
 asyncio objects from paho's thread. ``publish`` and ``ack`` are safe to call from the
 event loop: paho appends to a thread-safe deque and wakes its loop through a socket pair.
 
@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.errors import BrokerError, ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,36 @@ class Incoming:
     retain: bool
 
 
+class _Handoff(Generic[T]):
+    """Hands items from paho's thread to the event loop in batches.
+
+    One ``call_soon_threadsafe`` (one self-pipe write, one loop wake-up) per batch rather
+    than per message: under load, many messages arrive between two turns of the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[T]], None]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._items: list[T] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, item: T) -> None:
+        """Called on paho's thread."""
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        self._deliver(items)
+
+
 class MqttClient:
     """An MQTT connection delivering messages into an asyncio queue.
 
@@ -95,6 +128,8 @@ class MqttClient:
         self._url = url
         self._loop = asyncio.get_running_loop()
         self._inbox = inbox
+        self._received: _Handoff[Incoming] = _Handoff(self._loop, self._enqueue)
+        self._acknowledged: _Handoff[int] = _Handoff(self._loop, self._confirmed)
         self._on_connect_hook = on_connect
         self._on_published_hook = on_published
         self._subscriptions: dict[str, int] = {}
@@ -147,12 +182,12 @@ class MqttClient:
         incoming = Incoming(
             topic, bytes(message.payload), message.mid, message.qos, bool(message.retain)
         )
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, incoming)
+        self._received.put(incoming)
 
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
-        self._loop.call_soon_threadsafe(self._confirmed, mid)
+        self._acknowledged.put(mid)
 
     # --- event loop side ------------------------------------------------------------
 
@@ -161,12 +196,18 @@ class MqttClient:
         if self._on_connect_hook is not None:
             self._on_connect_hook()
 
-    def _confirmed(self, mid: int) -> None:
-        self._unconfirmed.discard(mid)
+    def _enqueue(self, messages: list[Incoming]) -> None:
+        assert self._inbox is not None
+        for message in messages:
+            self._inbox.put_nowait(message)
+
+    def _confirmed(self, mids: list[int]) -> None:
+        self._unconfirmed.difference_update(mids)
         if not self._unconfirmed:
             self._all_confirmed.set()
         if self._on_published_hook is not None:
-            self._on_published_hook(mid)
+            for mid in mids:
+                self._on_published_hook(mid)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again on every reconnect."""
