@@ -1,8 +1,9 @@
 """The one place paho-mqtt is used: a thin asyncio-facing MQTT client.
 
 paho runs its network loop in its own thread. It crosses into asyncio at exactly one
-point: its callbacks only hand values to the event loop with ``call_soon_threadsafe``
-(batched by :class:`_Handoff`; aiosqlite's ``core.py`` does the same for its worker thread). Nothing else here touches
+point: its callbacks only hand values to the event loop with ``call_soon_threadsafe``,
+batched by :class:`_Handoff` (aiosqlite's ``core.py`` does the same for its worker
+thread). Nothing else here touches
 asyncio objects from paho's thread. ``publish`` and ``ack`` are safe to call from the
 event loop: paho appends to a thread-safe deque and wakes its loop through a socket pair.
 
