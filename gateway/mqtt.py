@@ -66,13 +66,14 @@ class BrokerUrl:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """One received PUBLISH. ``mid`` is what :meth:`MqttClient.ack` takes (QoS 1)."""
+    """One received PUBLISH, stamped with the connection (``session``) it arrived on."""
 
     topic: str
     payload: bytes
     mid: int
     qos: int
     retain: bool
+    session: int = 0
 
 
 class _Handoff(Generic[T]):
@@ -134,6 +135,7 @@ class MqttClient:
         self._on_connect_hook = on_connect
         self._on_published_hook = on_published
         self._subscriptions: dict[str, int] = {}
+        self._session = 0
         self._unconfirmed: set[int] = set()
         self._all_confirmed = asyncio.Event()
         self._all_confirmed.set()
@@ -164,6 +166,7 @@ class MqttClient:
     ) -> None:
         if reason.is_failure:
             return
+        self._session += 1  # message ids of earlier connections mean nothing now
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)
         self._loop.call_soon_threadsafe(self._set_connected)
@@ -180,9 +183,8 @@ class MqttClient:
             topic = message.topic
         except UnicodeDecodeError:  # brokers refuse these; never let it kill paho's loop
             topic = ""
-        incoming = Incoming(
-            topic, bytes(message.payload), message.mid, message.qos, bool(message.retain)
-        )
+        payload, retain = bytes(message.payload), bool(message.retain)
+        incoming = Incoming(topic, payload, message.mid, message.qos, retain, self._session)
         self._received.put(incoming)
 
     def _handle_publish(
@@ -248,9 +250,14 @@ class MqttClient:
             return False
         return True
 
-    def ack(self, mid: int) -> None:
-        """Acknowledge a QoS 1 message received with ``manual_ack``."""
-        self._client.ack(mid, 1)
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a QoS 1 message received with ``manual_ack``.
+
+        Only on the connection it arrived on: after a reconnect its message id may name
+        another message, and the broker redelivers the unacknowledged one anyway.
+        """
+        if message.session == self._session:
+            self._client.ack(message.mid, 1)
 
     async def disconnect(self, flush_timeout: float = 5.0) -> None:
         """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT.

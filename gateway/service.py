@@ -60,7 +60,7 @@ class Publisher(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int: ...
 
-    def ack(self, mid: int) -> None: ...
+    def ack(self, message: Incoming) -> None: ...
 
 
 class MeteringService:
@@ -151,7 +151,7 @@ class MeteringService:
                 self.registry.apply(result.devices, result.highs)
             assert self._mqtt is not None
             for message in batch:
-                self._mqtt.ack(message.mid)
+                self._mqtt.ack(message)
             self._after_batch(result, len(batch))
             async with self.committed:
                 self.committed.notify_all()
