@@ -22,7 +22,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -172,12 +172,19 @@ class Fleet:
         for device in self.devices.values():
             device.advance(seconds)
 
-    def publish_reports(self, now_ms: int, *, only_stepped: bool = False) -> int:
+    def publish_reports(
+        self, now_ms: int, *, only_stepped: bool = False, silent: Collection[str] = ()
+    ) -> int:
         """Publish a report from every device (or only from those whose counter crossed a
-        step), stamped ``now_ms``; returns how many. The store is saved before publishing.
+        step), except the ``silent`` ones (cut off from the network), stamped ``now_ms``;
+        returns how many. The store is saved before publishing.
         """
         client = self._connection()
-        devices = [d for d in self.devices.values() if not only_stepped or d.step_crossed()]
+        devices = [
+            d
+            for d in self.devices.values()
+            if (not only_stepped or d.step_crossed()) and d.device_id not in silent
+        ]
         payloads = [(device, device.report(now_ms)) for device in devices]
         if payloads:
             self._save()  # a device persists what it reports before it reports it

@@ -84,6 +84,7 @@ class Gateway:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     api_port: int = 0
     service: MeteringService | None = None
+    _connections: int = 0
 
     async def run(self) -> None:
         """Serve until :meth:`stop` (or a signal, via :func:`serve`); then stop cleanly."""
@@ -115,6 +116,7 @@ class Gateway:
             manual_ack=True,
             inbox=service.inbox,
             on_published=service.control_published,
+            on_connect=self._connected,
         )
         mqtt.subscribe(service.topics.all_usage, qos=1)
         await mqtt.connect()
@@ -143,6 +145,13 @@ class Gateway:
             await mqtt.disconnect()
             service.close()
             sock.close()
+
+    def _connected(self) -> None:
+        """Each (re)connect to the broker; all but the first re-publish retained state."""
+        self._connections += 1
+        if self._connections > 1 and self.service is not None:
+            log.warning("reconnected to the broker: re-publishing retained state")
+            self.service.reconnected()
 
     def _announce_ready(self) -> None:
         """Log the ready line. The API socket is already listening: a request made now

@@ -85,6 +85,7 @@ class MeteringService:
         self._lock = asyncio.Lock()
         self._mqtt: Publisher | None = None
         self._dirty: set[str] = set()
+        self._republish: set[str] = set()
         self._pending_controls: dict[int, tuple[str, int]] = {}
         self._announced_unpriced: set[tuple[str, str]] = set()
         self._pool = ThreadPoolExecutor(
@@ -113,6 +114,13 @@ class MeteringService:
         for device in self.registry.devices.values():
             if device.control is not None and device.control.seq > device.control_sent:
                 self._publish_control(device.control)
+
+    def reconnected(self) -> None:
+        """After a reconnect, re-publish every retained message (a crashed broker may have
+        lost them since its last save): the current control messages, byte-identical
+        (same ``n``), and the fleet state. Spread over the fleet-state ticks."""
+        self._republish.update(self.registry.devices)
+        self._dirty.update(self.registry.devices)
 
     # --- the pipeline -------------------------------------------------------------
 
@@ -223,10 +231,16 @@ class MeteringService:
             self._mqtt.publish(self.topics.event(event.type), event.to_json())
 
     def flush_fleet_state(self, limit: int = 5000) -> int:
-        """Publish the retained state of up to ``limit`` changed devices; returns how many."""
+        """Publish up to ``limit`` retained messages due (controls to re-publish, then the
+        state of changed devices); returns how many."""
         if self._mqtt is None:
             return 0
         count = 0
+        while self._republish and count < limit:
+            device = self.registry.devices.get(self._republish.pop())
+            if device is not None and device.control is not None:
+                self._publish_control(device.control)
+                count += 1
         while self._dirty and count < limit:
             device = self.registry.devices.get(self._dirty.pop())
             if device is not None:
