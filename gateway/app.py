@@ -133,7 +133,7 @@ class Gateway:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(service.verify_stage(self.stopping), name="verify")
-                charging = tasks.create_task(service.charge_stage(), name="charge")
+                charging = tasks.create_task(service.charge_stage(self.stopping), name="charge")
                 tasks.create_task(self._fleet_state(service), name="fleet-state")
                 tasks.create_task(server.serve(sockets=[sock]), name="admin-api")
                 self._announce_ready()

@@ -19,6 +19,7 @@ they are ordered with batches, and are likewise commit first, then publish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -147,7 +148,7 @@ class MeteringService:
         futures = [loop.run_in_executor(self._pool, _verify_all, c, self.registry) for c in chunks]
         return [item for part in await asyncio.gather(*futures) for item in part]
 
-    async def charge_stage(self) -> None:
+    async def charge_stage(self, stopping: asyncio.Event) -> None:
         """Charge, commit, then acknowledge and publish, batch after batch, in order."""
         while True:
             batch, items = await self._verified.get()
@@ -155,7 +156,7 @@ class MeteringService:
                 return
             async with self._lock:
                 result = charge_batch(items, self.registry, self.pricing, self._clock())
-                await self._commit(result.write)
+                await self._commit(result.write, stopping)
                 self.registry.apply(result.devices, result.highs)
             assert self._mqtt is not None
             for message in batch:
@@ -164,8 +165,13 @@ class MeteringService:
             async with self.committed:
                 self.committed.notify_all()
 
-    async def _commit(self, write: LedgerWrite) -> None:
-        """Commit, retrying with back-off until it succeeds (nothing is acked before)."""
+    async def _commit(self, write: LedgerWrite, stopping: asyncio.Event) -> None:
+        """Commit, retrying with back-off until it succeeds (nothing is acked before).
+
+        Raises :class:`LedgerError` if it still fails once ``stopping`` is set: the
+        gateway then exits non-zero with the batch unacknowledged, for the broker to
+        redeliver to the next run.
+        """
         delay = 0.05
         while True:
             try:
@@ -174,8 +180,11 @@ class MeteringService:
             except LedgerError as exc:
                 self.ledger_healthy = False
                 self.metrics.commit_failures.inc()
+                if stopping.is_set():
+                    raise
                 log.error("ledger commit failed, retrying in %.2fs: %s", delay, exc)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
             else:
                 self.ledger_healthy = True

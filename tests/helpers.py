@@ -92,6 +92,7 @@ async def running_gateway(
     meters: dict[str, str] | None = None,
     client_id: str | None = None,
     throttle: list[dict[str, str]] | None = None,
+    ledger: Any = None,
 ) -> AsyncIterator[GatewayHandle]:
     """Run a real gateway (SQLite ledger in ``data_dir``) against the broker."""
     os.environ["TOKENWELL_TOKEN"] = TOKEN
@@ -105,7 +106,7 @@ async def running_gateway(
     }
     if throttle is not None:
         raw["throttle"] = throttle
-    gateway = Gateway(parse_settings(raw))
+    gateway = Gateway(parse_settings(raw), ledger=ledger)
     task = asyncio.create_task(gateway.run(), name="gateway")
     ready = asyncio.create_task(gateway.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
