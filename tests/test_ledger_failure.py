@@ -55,14 +55,19 @@ async def test_a_gateway_stopped_while_commits_fail_leaves_the_report_with_the_b
     receives the report again from its persistent session and charges it once."""
     device = RawDevice("disk-2")
     ledger = FailingLedger(tmp_path / "ledger.sqlite3")
-    with pytest.raises(ExceptionGroup) as stopped:
-        async with running_gateway(broker.url, tmp_path, ledger=ledger, client_id="disk-gw",
-                                   prefix="disk/v1") as gw:  # fmt: skip
+
+    async def run_while_commits_fail() -> None:
+        async with running_gateway(
+            broker.url, tmp_path, ledger=ledger, client_id="disk-gw", prefix="disk/v1"
+        ) as gw:
             await gw.add_device(device.id, device.key, 1000)
             ledger.failing = True
             async with Listener.connect(broker.url) as publisher:
                 publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 700}))
                 await asyncio.wait_for(ledger.failed.wait(), 10)
+
+    with pytest.raises(ExceptionGroup) as stopped:
+        await run_while_commits_fail()
     assert stopped.group_contains(LedgerError)
     async with running_gateway(broker.url, tmp_path, client_id="disk-gw", prefix="disk/v1") as gw:
         await gw.wait_committed(lambda: gw.service.registry.devices[device.id].used == 7)
