@@ -92,6 +92,8 @@ class SimDevice:
         self.remainders = dict.fromkeys(self.rates, Fraction(0))
         self.reported = dict.fromkeys(self.rates, 0)  # the counters as of the last report
         self.control: ControlMessage | None = None  # the last control message applied
+        self.last_report = b""  # the envelope of the latest report of this epoch
+        self.tails: list[bytes] = []  # the last report of each of the two previous epochs
 
     def __repr__(self) -> str:
         return f"SimDevice({self.device_id!r}, b={self.boot}, n={self.number}, {self.counters})"
@@ -127,7 +129,8 @@ class SimDevice:
         self.number += 1
         body = UsageReport(self.device_id, self.boot, self.number, now_ms, dict(self.counters))
         self.reported = dict(self.counters)
-        return sign_usage(body, self.key)
+        self.last_report = sign_usage(body, self.key)
+        return self.last_report
 
     def step_crossed(self) -> bool:
         """True when a counter passed a multiple of ``step`` since the last report."""
@@ -151,7 +154,14 @@ class SimDevice:
         return ControlOutcome.APPLIED
 
     def factory_reset(self) -> None:
-        """Start a new boot epoch: counters from zero, ``n`` from zero; control state is kept."""
+        """Start a new boot epoch: counters from zero, ``n`` from zero; control state is kept.
+
+        The old epoch's last report is kept as a *tail* and re-sent on every reconnect
+        (see docs/protocol.md): if a broker crash lost it, nothing else would carry it.
+        """
+        if self.last_report:
+            self.tails = [*self.tails[-1:], self.last_report]
+            self.last_report = b""
         self.boot += 1
         self.number = 0
         self.counters = dict.fromkeys(self.rates, 0)
@@ -171,6 +181,8 @@ class SimDevice:
             "remainders": {meter: str(rest) for meter, rest in self.remainders.items()},
             "reported": dict(self.reported),
             "control": None if self.control is None else asdict(self.control),
+            "last_report": self.last_report.hex(),
+            "tails": [tail.hex() for tail in self.tails],
         }
 
     @classmethod
@@ -185,6 +197,8 @@ class SimDevice:
             device.reported = _meter_map(device.rates, data["reported"], _uint)
             control = data["control"]
             device.control = None if control is None else ControlMessage(**control)
+            device.last_report = bytes.fromhex(data.get("last_report", ""))
+            device.tails = [bytes.fromhex(tail) for tail in data.get("tails", [])]
         except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise ValueError(f"not a saved device: {type(exc).__name__}: {exc}") from None
         return device

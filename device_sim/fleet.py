@@ -278,8 +278,25 @@ class Fleet:
         return self._client
 
     def _on_connect(self) -> None:
-        """Runs on the event loop at every (re)connect: a fresh report from every device."""
-        self.publish_reports(self._clock())
+        """Runs on the event loop at every (re)connect: every device re-sends the last
+        reports of its previous boot epochs, then a fresh report."""
+        if self._client is not None:  # not while stopping
+            self.resend_tails()
+            self.publish_reports(self._clock())
+
+    def resend_tails(self) -> int:
+        """Publish again each device's kept last reports of earlier epochs; returns how many.
+
+        Harmless when they were charged already (the gateway debits nothing twice), and
+        the only way to recover them when a broker crash lost them after a reset.
+        """
+        tails = [
+            Publication(self._topics.usage(device.device_id), tail)
+            for device in self.devices.values()
+            for tail in device.tails
+        ]
+        self._send_all(tails, self._connection())
+        return len(tails)
 
     def _send_all(self, publications: Iterable[Publication], client: MqttClient) -> None:
         for publication in publications:

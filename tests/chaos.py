@@ -174,7 +174,8 @@ class ChaosRun:
         if not self.broker.running:
             self.broker.start()
         now = START_MS + (self.schedule.steps + 1) * 1000
-        self.outcome.reports += fleet.publish_reports(now)  # everyone, as after a reconnect
+        fleet.resend_tails()  # as after a reconnect: earlier epochs' last reports,
+        self.outcome.reports += fleet.publish_reports(now)  # then everyone's current one
         await fleet.flush(60)
         self._count_faults(fleet)
         try:
@@ -198,14 +199,34 @@ class ChaosRun:
         async with Listener.connect(self.broker.url, self.topics.all_fleet_devices) as listen:
             for device in sorted(self.expected):
                 want = self.expected_used(device)
-                await listen.wait_for(
-                    lambda m, d=device, w=want: (
-                        m.topic == self.topics.fleet_device(d)
-                        and json.loads(m.payload)["used"] == w
-                    ),
-                    timeout=60,
-                )
+                try:
+                    await listen.wait_for(
+                        lambda m, d=device, w=want: (
+                            m.topic == self.topics.fleet_device(d)
+                            and json.loads(m.payload)["used"] == w
+                        ),
+                        timeout=30,
+                    )
+                except TimeoutError:
+                    raise AssertionError(await self._explain(device, want)) from None
                 self.outcome.devices_checked += 1
+
+    async def _explain(self, device: str, want: int) -> str:
+        """Why a device's charge differs: expected counters against the ledger's ``H``."""
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=self.gateway.api_url, headers=headers) as api:
+            used = (await api.get(f"/v1/devices/{device}")).json()["used"]
+        ledger = SqliteLedger(self.folder / "ledger.sqlite3")
+        await ledger.open()
+        try:
+            highs = [h for h in (await ledger.load()).highs if h.device == device]
+        finally:
+            await ledger.close()
+        return (
+            f"{device}: used {used}, want {want}; reported {self.expected[device]};"
+            f" charged up to {[(h.boot, h.meter, h.high) for h in highs]};"
+            f" actions so far {dict(self.outcome.actions)}"
+        )
 
     async def _await_latest_controls(self, fleet: Fleet) -> None:
         async with httpx.AsyncClient(
