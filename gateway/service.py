@@ -110,11 +110,15 @@ class MeteringService:
         self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
 
     def attach(self, mqtt: Publisher) -> None:
-        """Connect the service to MQTT and re-send control messages not yet confirmed."""
+        """Connect the service to MQTT: re-send at once the control messages the broker
+        never confirmed, and queue every other retained message for re-publishing (see
+        :meth:`reconnected`): a broker that crashed while we were down may have lost them.
+        """
         self._mqtt = mqtt
         for device in self.registry.devices.values():
             if device.control is not None and device.control.seq > device.control_sent:
                 self._publish_control(device.control)
+        self.reconnected()
 
     def reconnected(self) -> None:
         """After a reconnect, re-publish every retained message (a crashed broker may have
