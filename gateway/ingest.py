@@ -173,7 +173,7 @@ def _charge_one(
                 line.tokens,
                 at_ms,
                 now_ms,
-            )  # fmt: skip
+            )
         )
     result.highs[key] = new_highs
     result.devices[device.id] = _with_control(

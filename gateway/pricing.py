@@ -43,7 +43,7 @@ def parse_share(text: str) -> Fraction:
 
 
 def format_price(price: Fraction) -> str:
-    """The shortest exact string for a price: ``"0.01"`` when it is a finite decimal, else ``"1/3"``."""
+    """The exact string for a price: ``"0.01"`` when it is a finite decimal, else ``"1/3"``."""
     denominator = price.denominator
     for factor in (2, 5):
         while denominator % factor == 0:

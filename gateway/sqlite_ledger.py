@@ -193,16 +193,16 @@ class SqliteLedger:
         if write.devices:
             await conn.executemany(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
         if write.highs:
-            rows = [(h.device, h.boot, h.meter, h.high) for h in write.highs]
-            await conn.executemany(_UPSERT_HIGH, rows)
+            highs = [(h.device, h.boot, h.meter, h.high) for h in write.highs]
+            await conn.executemany(_UPSERT_HIGH, highs)
         if write.debits:
             await conn.executemany(_INSERT_DEBIT, [_debit_row(d) for d in write.debits])
         if write.grants:
-            rows = [
+            grants = [
                 (g.device, g.account, g.tokens, g.kind, g.at_ms, g.idempotency_key)
                 for g in write.grants
             ]
-            await conn.executemany(_INSERT_GRANT, rows)
+            await conn.executemany(_INSERT_GRANT, grants)
 
     async def find_grant(self, device: str, idempotency_key: str) -> Grant | None:
         sql = (

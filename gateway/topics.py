@@ -1,4 +1,4 @@
-"""Topic names (contract §2). ``prefix`` is the configurable topic prefix, ``tokens/v1`` by default."""
+"""Topic names (contract §2) under a configurable prefix, ``tokens/v1`` by default."""
 
 from __future__ import annotations
 

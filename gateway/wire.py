@@ -1,4 +1,4 @@
-"""The wire format (contract §3–5): signed msgpack envelopes, usage reports, control messages.
+"""The wire format (contract §3 to §5): signed msgpack envelopes, usage reports, control messages.
 
 Pure: no sockets, no clock, no globals that change. The device simulator encodes with the
 functions the gateway decodes with, so a round trip is a unit test with no broker.
@@ -16,15 +16,17 @@ raises :class:`~gateway.errors.InvalidMessage`, a caller bug).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final, Literal, TypeVar
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.errors import InvalidMessage, Reason, Rejection
+
+T = TypeVar("T")
 
 PROTOCOL_VERSION: Final = 1
 USAGE_DOMAIN: Final = b"tokens/v1/usage"
@@ -302,7 +304,9 @@ def decode_control(data: bytes, gateway_key: Ed25519PublicKey) -> ControlMessage
     return _decode_signed(data, CONTROL_DOMAIN, gateway_key, decode_control_body)
 
 
-def _decode_signed(data: bytes, domain: bytes, key: Ed25519PublicKey, parse: Any) -> Any:
+def _decode_signed(
+    data: bytes, domain: bytes, key: Ed25519PublicKey, parse: Callable[[bytes], T | Rejection]
+) -> T | Rejection:
     envelope = decode_envelope(data)
     if isinstance(envelope, Rejection):
         return envelope
