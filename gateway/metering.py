@@ -13,6 +13,7 @@ with no price debits nothing and leaves ``H`` alone.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -69,6 +70,9 @@ class Device:
     ``balance`` always equals ``allocation`` minus ``used`` (tokens debited in the current
     period; until periods exist, since provisioning). ``control`` is the last control
     message issued; ``control_sent`` the highest control ``n`` the broker has confirmed.
+    ``highs`` holds ``H`` as sorted ``(boot, meter, high)`` triples: kept in the record
+    itself, it costs about a third of a dict per device (memory is per device, times
+    100,000).
     """
 
     id: str
@@ -82,10 +86,22 @@ class Device:
     last_report_ms: int | None = None
     control: ControlMessage | None = None
     control_sent: int = 0
+    highs: tuple[tuple[int, str, int], ...] = ()
 
     @property
     def balance(self) -> int:
         return self.allocation - self.used
+
+    def highs_of(self, boot: int) -> dict[str, int]:
+        """``H`` per meter for one boot epoch."""
+        return {meter: high for b, meter, high in self.highs if b == boot}
+
+
+def raise_highs(device: Device, boot: int, updates: Mapping[str, int]) -> Device:
+    """``device`` with ``H`` of epoch ``boot`` set to ``updates`` (meter -> new high)."""
+    kept = [h for h in device.highs if h[0] != boot or h[1] not in updates]
+    added = [(boot, sys.intern(meter), high) for meter, high in updates.items()]
+    return replace(device, highs=tuple(sorted(kept + added)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,9 +103,12 @@ class MeteringService:
     async def load(self) -> None:
         """Rebuild the in-memory registry from the ledger."""
         snapshot = await self.ledger.load()
-        self.registry.devices = {d.id: d for d in snapshot.devices}
+        highs: dict[str, list[tuple[int, str, int]]] = {}
         for mark in snapshot.highs:
-            self.registry.highs.setdefault((mark.device, mark.boot), {})[mark.meter] = mark.high
+            highs.setdefault(mark.device, []).append((mark.boot, mark.meter, mark.high))
+        self.registry.devices = {
+            d.id: replace(d, highs=tuple(sorted(highs.get(d.id, ())))) for d in snapshot.devices
+        }
         self._dirty.update(self.registry.devices)
         self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
 
@@ -161,7 +164,7 @@ class MeteringService:
             async with self._lock:
                 result = charge_batch(items, self.registry, self.pricing, self._clock())
                 await self._commit(result.write, stopping)
-                self.registry.apply(result.devices, result.highs)
+                self.registry.apply(result.devices)
             assert self._mqtt is not None
             for message in batch:
                 self._mqtt.ack(message)
@@ -349,7 +352,7 @@ class MeteringService:
 
     async def _commit_admin(self, write: LedgerWrite) -> None:
         await self.ledger.commit(write)  # a LedgerError surfaces to the caller: nothing applied
-        self.registry.apply({d.id: d for d in write.devices}, {})
+        self.registry.apply({d.id: d for d in write.devices})
 
     def _announce(self, device: Device, *events: Event) -> None:
         if device.control is not None and device.control.seq > device.control_sent:
