@@ -105,8 +105,9 @@ class Gateway:
         )
         clock = self.clock if callable(self.clock) else wall_clock_ms
         service = MeteringService(
-            ledger, pricing, Topics(settings.topic_prefix), key, clock, Metrics()
-        )
+            ledger, pricing, Topics(settings.topic_prefix), key, clock, Metrics(),
+            flood_limit=settings.max_reports_per_second,
+        )  # fmt: skip
         self.service = service
         await service.load()
         mqtt = MqttClient(

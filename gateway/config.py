@@ -60,6 +60,7 @@ class Settings:
     api: str = DEFAULT_API
     client_id: str = DEFAULT_CLIENT_ID
     device_clock_max_age_s: int = 30 * 86400
+    max_reports_per_second: int = 20  # per device; more is reported as a flood
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the non-None overrides applied (command-line flags)."""
@@ -94,7 +95,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] = os.envi
 
 _KEYS: Final = {
     "topic_prefix", "meters", "throttle", "broker", "db", "api", "client_id",
-    "device_clock_max_age_s",
+    "device_clock_max_age_s", "max_reports_per_second",
 }  # fmt: skip
 
 
@@ -117,11 +118,12 @@ def parse_settings(raw: Mapping[str, Any], source: str = "config") -> Settings:
         _host_port(values["api"], f"{source}: api")
     if "db" in raw:
         values["db"] = Path(_string(raw["db"], "db", source))
-    if "device_clock_max_age_s" in raw:
-        age = raw["device_clock_max_age_s"]
-        if type(age) is not int or age < 0:
-            raise ConfigError(f"{source}: device_clock_max_age_s must be a whole number >= 0")
-        values["device_clock_max_age_s"] = age
+    for key, low in (("device_clock_max_age_s", 0), ("max_reports_per_second", 1)):
+        if key in raw:
+            value = raw[key]
+            if type(value) is not int or value < low:
+                raise ConfigError(f"{source}: {key} must be a whole number >= {low}")
+            values[key] = value
     return Settings(**values)
 
 

@@ -37,6 +37,9 @@ class Metrics:
         self.commit_failures = Counter(
             "tokenwell_commit_failures", "Ledger commits that failed and were retried", registry=r
         )
+        self.floods = Counter(
+            "tokenwell_floods", "Times a device passed the per-device report rate", registry=r
+        )
         self.devices = Gauge("tokenwell_devices", "Provisioned devices (not revoked)", registry=r)
         self.backlog = Gauge(
             "tokenwell_ingest_backlog", "Received reports not yet committed", registry=r

@@ -30,6 +30,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import BadRequest, Conflict, LedgerError, NotFound
+from gateway.flood import FloodMonitor
 from gateway.ingest import (
     BatchResult,
     Pricing,
@@ -75,6 +76,7 @@ class MeteringService:
         signing_key: Ed25519PrivateKey,
         clock: Clock,
         metrics: Metrics | None = None,
+        flood_limit: int = 20,
     ) -> None:
         self.ledger = ledger
         self.pricing = pricing
@@ -89,6 +91,7 @@ class MeteringService:
         self._republish: set[str] = set()
         self._pending_controls: dict[int, tuple[str, int]] = {}
         self._announced_unpriced: set[tuple[str, str]] = set()
+        self._floods = FloodMonitor(flood_limit)
         self._pool = ThreadPoolExecutor(
             max_workers=os.cpu_count() or 2, thread_name_prefix="verify"
         )
@@ -142,8 +145,18 @@ class MeteringService:
             while len(batch) < MAX_BATCH and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
             self.metrics.backlog.set(self.inbox.qsize() + len(batch))
+            devices = (self.topics.device_of_usage(m.topic) or "" for m in batch)
+            self._announce_floods(self._floods.observe(devices, self._clock()))
             await self._verified.put((batch, await self._verify(batch)))
         await self._verified.put(([], []))  # tells the charge stage to finish
+
+    def _announce_floods(self, devices: list[str]) -> None:
+        now = self._clock()
+        for device in devices:
+            limit = self._floods.limit
+            log.warning("device %r sends more than %d reports a second", device, limit)
+            self.metrics.floods.inc()
+            self.publish_event(Event("flood", device[:64], now, {"limit_per_second": limit}))
 
     async def _verify(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
         items = [(self.topics.device_of_usage(m.topic), m.payload) for m in batch]
