@@ -35,6 +35,7 @@ from gateway.wire import public_key_hex
 
 log = logging.getLogger("tokenwell.gateway")
 FLEET_STATE_INTERVAL = 0.5  # seconds: operator topics follow a change within a second
+FLEET_STATE_SLICE = 200  # retained messages published between two turns of the loop
 
 
 def wall_clock_ms() -> int:
@@ -165,8 +166,11 @@ class Gateway:
         self.ready.set()
 
     async def _fleet_state(self, service: MeteringService) -> None:
+        """Publish what is due every interval, in small slices so that reports waiting
+        behind it (and their control messages) are not held up for long."""
         while not self.stopping.is_set():
-            service.flush_fleet_state()
+            while service.flush_fleet_state(limit=FLEET_STATE_SLICE) == FLEET_STATE_SLICE:
+                await asyncio.sleep(0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), FLEET_STATE_INTERVAL)
 

@@ -15,6 +15,8 @@ contract needs (QoS 1, retain, persistent sessions) is in 3.1.1. Subscriptions a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -74,6 +76,13 @@ class Incoming:
     qos: int
     retain: bool
     session: int = 0
+
+
+def _no_delay(sock: Any) -> None:
+    """Turn Nagle's algorithm off: paho leaves it on, so each small packet (a PUBACK, a
+    control message) waits for the broker's delayed ACK, up to 40 ms on Linux."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Handoff(Generic[T]):
@@ -166,6 +175,7 @@ class MqttClient:
     ) -> None:
         if reason.is_failure:
             return
+        _no_delay(client.socket())
         self._session += 1  # message ids of earlier connections mean nothing now
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)

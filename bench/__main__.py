@@ -1,0 +1,5 @@
+import sys
+
+from bench.phases import main
+
+sys.exit(main())
