@@ -170,7 +170,7 @@ class Gateway:
         behind it (and their control messages) are not held up for long."""
         while not self.stopping.is_set():
             while service.flush_fleet_state(limit=FLEET_STATE_SLICE) == FLEET_STATE_SLICE:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # let reports through between slices
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), FLEET_STATE_INTERVAL)
 

@@ -252,6 +252,11 @@ class MqttClient:
             self._all_confirmed.clear()
         return int(info.mid)
 
+    @property
+    def unconfirmed(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet."""
+        return len(self._unconfirmed)
+
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the broker has confirmed every QoS 1 publish so far; False on timeout."""
         try:

@@ -52,6 +52,7 @@ log = logging.getLogger("tokenwell.gateway")
 
 Clock = Callable[[], int]  # milliseconds since the Unix epoch
 MAX_BATCH = 1000
+MAX_UNCONFIRMED = 2000  # retained publishes in flight before the fleet-state flush waits
 INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
 MAX_ALLOCATION = 2**62  # balances and sums stay far inside SQLite's 64-bit integers
 MAX_TOKENS = 10**15  # per request; far below 2**63 so sums of many stay in range
@@ -63,6 +64,11 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int: ...
 
     def ack(self, message: Incoming) -> None: ...
+
+    @property
+    def unconfirmed(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet."""
+        ...
 
 
 class MeteringService:
@@ -261,9 +267,15 @@ class MeteringService:
 
     def flush_fleet_state(self, limit: int = 5000) -> int:
         """Publish up to ``limit`` retained messages due (controls to re-publish, then the
-        state of changed devices); returns how many."""
+        state of changed devices); returns how many.
+
+        Publishes nothing while more than ``MAX_UNCONFIRMED`` publishes await the broker's
+        acknowledgement: what is due stays a device id in a set (bytes), not a queued
+        message (a kilobyte) — 100,000 at start-up would otherwise cost 100 MB at once.
+        """
         if self._mqtt is None:
             return 0
+        limit = min(limit, MAX_UNCONFIRMED - self._mqtt.unconfirmed)
         count = 0
         while self._republish and count < limit:
             device = self.registry.devices.get(self._republish.pop())
