@@ -169,7 +169,9 @@ class Gateway:
         """Publish what is due every interval, in small slices so that reports waiting
         behind it (and their control messages) are not held up for long."""
         while not self.stopping.is_set():
-            while service.flush_fleet_state(limit=FLEET_STATE_SLICE) == FLEET_STATE_SLICE:
+            published = FLEET_STATE_SLICE
+            while published == FLEET_STATE_SLICE:
+                published = service.flush_fleet_state(limit=FLEET_STATE_SLICE)
                 await asyncio.sleep(0)  # let reports through between slices
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), FLEET_STATE_INTERVAL)
