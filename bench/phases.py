@@ -33,7 +33,9 @@ from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.wire import UsageReport, sign_usage
 
 
-def drain(broker: RunningBroker, folder: Path, results: Results, backlog: list[tuple[str, bytes]]) -> None:
+def drain(
+    broker: RunningBroker, folder: Path, results: Results, backlog: list[tuple[str, bytes]]
+) -> None:
     """Phase 3: the gateway drains a backlog queued while it was down."""
     asyncio.run(write_ledger(folder / "ledger.sqlite3", results.devices, 10**12))
     asyncio.run(register_session(broker.url, "bench-gateway"))
@@ -59,10 +61,16 @@ def latency(broker: RunningBroker, folder: Path, results: Results, seconds: floa
     asyncio.run(write_ledger(ledger, crossing, 10, prefix="lat"))
     steady = iter(sign_backlog(results.devices, count, first_n=10**6))
     exhaust = [
-        (f"lat-{i:06d}", sign_usage(UsageReport(f"lat-{i:06d}", 1, 1, T0, {"api_calls": 5000}), device_key(i)))
+        (
+            f"lat-{i:06d}",
+            sign_usage(UsageReport(f"lat-{i:06d}", 1, 1, T0, {"api_calls": 5000}), device_key(i)),
+        )
         for i in range(crossing)
     ]
-    load = [exhaust[i // 20] if i % 20 == 10 and i // 20 < crossing else next(steady) for i in range(count)]
+    load = [
+        exhaust[i // 20] if i % 20 == 10 and i // 20 < crossing else next(steady)
+        for i in range(count)
+    ]
     with gateway(broker.url, folder, free_port()):
         delays = asyncio.run(_offer(broker.url, load, rate, {d for d, _ in exhaust}))
     delays.sort()
@@ -73,7 +81,9 @@ def latency(broker: RunningBroker, folder: Path, results: Results, seconds: floa
     results.latency_max_ms = delays[-1] * 1000
 
 
-async def _offer(url: str, load: list[tuple[str, bytes]], rate: float, timed: set[str]) -> list[float]:
+async def _offer(
+    url: str, load: list[tuple[str, bytes]], rate: float, timed: set[str]
+) -> list[float]:
     """Publish ``load`` at ``rate``; the delays to the control messages of ``timed`` devices."""
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     client = MqttClient(BrokerUrl.parse(url), f"bench-lat-{os.getpid()}", inbox=inbox)
@@ -121,13 +131,18 @@ def memory(broker: RunningBroker, folder: Path, results: Results, devices: int) 
         wait_processed(gw, devices)
         results.rss_total_mib = gw.rss_mib()
     results.memory_devices = devices
-    results.rss_bytes_per_device = (results.rss_total_mib - results.rss_baseline_mib) * 2**20 / devices
+    results.rss_bytes_per_device = (
+        (results.rss_total_mib - results.rss_baseline_mib) * 2**20 / devices
+    )
 
 
 def machine() -> dict[str, str | int | None]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    model = next(names, platform.processor())
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "commit": commit.stdout.strip() or None, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
@@ -154,7 +169,7 @@ def run(args: argparse.Namespace) -> Results:
 
 TABLE = [
     ("verify, one core", "verify_one_core", "{:,.0f} /s"),
-    (f"verify, all cores", "verify_all_cores", "{:,.0f} /s"),
+    ("verify, all cores", "verify_all_cores", "{:,.0f} /s"),
     ("receive floor (bare paho)", "receive_floor", "{:,.0f} /s"),
     ("ceiling 1/(1/recv+1/verify)", "ceiling", "{:,.0f} /s"),
     ("gateway drain", "drain_rate", "{:,.0f} /s"),
@@ -185,14 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-devices", type=int, default=100_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmark runs")
-    parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/DATE-COMMIT.json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, to check the benchmark runs"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON results file (default bench/results/DATE-COMMIT.json)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.reports, args.memory_devices, args.latency_seconds = 20, 400, 500, 1.0
     results = run(args)
     print(table(results))
-    out = args.out or Path("bench/results") / f"{results.machine['date']}-{results.machine['commit']}.json"
+    out = (
+        args.out
+        or Path("bench/results") / f"{results.machine['date']}-{results.machine['commit']}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(results), indent=2) + "\n")
     print(f"results written to {out}")

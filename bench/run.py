@@ -22,21 +22,17 @@ Results go to a JSON file and a table; ``docs/performance.md`` keeps them over t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +41,9 @@ import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import RunningBroker, start_broker
 from gateway.ledger import Grant, LedgerWrite
 from gateway.metering import Device
-from gateway.mqtt import BrokerUrl, Incoming, MqttClient
+from gateway.mqtt import BrokerUrl, MqttClient
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.wire import USAGE_DOMAIN, UsageReport, decode_envelope, sign_usage
 
@@ -112,7 +107,15 @@ async def write_ledger(path: Path, devices: int, tokens: int, prefix: str = "dev
     await ledger.open()
     try:
         rows = [
-            Device(f"{prefix}-{i:06d}", device_key(i).public_key().public_bytes_raw(), "bench", tokens, 0, T0, T0)
+            Device(
+                f"{prefix}-{i:06d}",
+                device_key(i).public_key().public_bytes_raw(),
+                "bench",
+                tokens,
+                0,
+                T0,
+                T0,
+            )
             for i in range(devices)
         ]
         grants = [Grant(d.id, "bench", tokens, "initial", T0) for d in rows]
@@ -163,7 +166,9 @@ async def publish_backlog(url: str, backlog: list[tuple[str, bytes]]) -> None:
 
 async def register_session(url: str, client_id: str) -> None:
     """Create a persistent session subscribed to every usage topic, so the broker queues."""
-    client = MqttClient(BrokerUrl.parse(url), client_id, persistent=True, manual_ack=True, inbox=asyncio.Queue())
+    client = MqttClient(
+        BrokerUrl.parse(url), client_id, persistent=True, manual_ack=True, inbox=asyncio.Queue()
+    )
     client.subscribe(f"{PREFIX}/devices/+/usage")
     await client.connect()
     await client.disconnect()
@@ -181,7 +186,12 @@ def bare_receive(url: str, client_id: str, expected: int, timeout: float = 300) 
         if count[0] >= expected:
             done.set()
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=paho.MQTTv311)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=False,
+        protocol=paho.MQTTv311,
+    )
     client.on_message = on_message
     client.connect(address.host, address.port)
     client.loop_start()
@@ -214,7 +224,13 @@ class GatewayProcess:
 
     def processed(self) -> int:
         text = httpx.get(f"{self.api}/metrics", timeout=10).text
-        return int(sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("tokenwell_reports_total{")))
+        return int(
+            sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("tokenwell_reports_total{")
+            )
+        )
 
     def stop(self) -> None:
         self.process.terminate()
@@ -224,9 +240,14 @@ class GatewayProcess:
 @contextmanager
 def gateway(url: str, folder: Path, port: int) -> Iterator[GatewayProcess]:
     config = folder / "gateway.toml"
-    config.write_text(f'topic_prefix = "{PREFIX}"\nclient_id = "bench-gateway"\n[meters]\napi_calls = "0.01"\n')
-    command = [sys.executable, "-m", "gateway.cli", "gateway", "--broker", url, "--db", str(folder / "ledger.sqlite3"),
-               "--api", f"127.0.0.1:{port}", "--config", str(config), "--log-level", "WARNING"]  # fmt: skip
+    config.write_text(
+        f'topic_prefix = "{PREFIX}"\nclient_id = "bench-gateway"\n[meters]\napi_calls = "0.01"\n'
+    )
+    ledger = str(folder / "ledger.sqlite3")
+    command = [
+        *(sys.executable, "-m", "gateway.cli", "gateway", "--broker", url, "--db", ledger),
+        *("--api", f"127.0.0.1:{port}", "--config", str(config), "--log-level", "WARNING"),
+    ]
     env = {**os.environ, "TOKENWELL_TOKEN": TOKEN}
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
