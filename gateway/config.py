@@ -29,11 +29,13 @@ DEFAULT_CLIENT_ID: Final = "tokenwell-gateway"
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*\Z")
 
 
-def default_db_path() -> Path:
-    """``$TOKENWELL_DB``, else ``$XDG_DATA_HOME/tokenwell/ledger.sqlite3``."""
-    if env := os.environ.get("TOKENWELL_DB"):
+def default_db_path(environ: Mapping[str, str] | None = None) -> Path:
+    """``$TOKENWELL_DB``, else ``$XDG_DATA_HOME/tokenwell/ledger.sqlite3``, read from
+    ``environ`` (the process environment when None)."""
+    environ = os.environ if environ is None else environ
+    if env := environ.get("TOKENWELL_DB"):
         return Path(env)
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "tokenwell" / "ledger.sqlite3"
 
 
@@ -87,10 +89,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] = os.envi
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: {exc}") from None
     settings = parse_settings(raw, source=str(path or "defaults"))
-    db = environ.get("TOKENWELL_DB")
-    return settings.with_overrides(
-        broker=environ.get("TOKENWELL_BROKER") or None, db=Path(db) if db else None
-    )
+    # The default location comes from ``environ`` too, never from the real environment
+    # behind the caller's back.
+    env_db = environ.get("TOKENWELL_DB")
+    db = Path(env_db) if env_db else (None if "db" in raw else default_db_path(environ))
+    return settings.with_overrides(broker=environ.get("TOKENWELL_BROKER") or None, db=db)
 
 
 _KEYS: Final = {
@@ -161,21 +164,29 @@ def _ladder(steps: object, source: str) -> tuple[ThrottleStep, ...]:
     ladder = []
     for index, step in enumerate(steps):
         where = f"{source}: throttle[{index}]"
-        if not isinstance(step, dict) or set(step) != {"below", "rate"}:
-            raise ConfigError(f"{where}: needs exactly the keys 'below' and 'rate'")
-        try:
-            below, rate = parse_share(step["below"]), parse_share(step["rate"])
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        if not isinstance(step, dict):
+            raise ConfigError(f"{where}: must be a table with the keys 'below' and 'rate'")
+        if unknown := sorted(set(step) - {"below", "rate"}):
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        if missing := sorted({"below", "rate"} - set(step)):
+            raise ConfigError(f"{where}.{missing[0]}: missing; a step needs 'below' and 'rate'")
+        below, rate = (_share(step, key, where) for key in ("below", "rate"))
         permille = int(rate * 1000)
         if not 0 < permille < 1000:
-            raise ConfigError(f"{where}: rate must be above 0% and below 100%")
+            raise ConfigError(f"{where}.rate: must be at least 0.1% and below 100%")
         ladder.append(ThrottleStep(below, permille))
     return tuple(sorted(ladder, key=lambda s: s.below, reverse=True))
 
 
+def _share(step: Mapping[str, object], key: str, where: str) -> Fraction:
+    try:
+        return parse_share(step[key])  # type: ignore[arg-type]  # parse_share checks
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{key}: {exc}") from None
+
+
 def _host_port(text: str, where: str = "api") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)

@@ -35,7 +35,7 @@ class Reason(StrEnum):
     """Why a usage report was rejected. Values are the public reason codes (contract §4)."""
 
     OVERSIZED = "oversized"  # envelope larger than 4096 bytes, rejected unread
-    MALFORMED = "malformed"  # not msgpack, trailing bytes, bad UTF-8, extension types
+    MALFORMED = "malformed"  # not msgpack, trailing bytes, bad UTF-8, ext types, duplicate keys
     BAD_ENVELOPE = "bad_envelope"  # not a map of exactly m (bin) and s (64-byte bin)
     BAD_BODY = "bad_body"  # the body is not a msgpack map
     MISSING_FIELD = "missing_field"  # a required body key is absent
@@ -43,7 +43,7 @@ class Reason(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"  # v is not a version this gateway speaks
     BAD_DEVICE_ID = "bad_device_id"  # d (or the topic's id) is not 1-64 of A-Za-z0-9_.-
     BAD_METER = "bad_meter"  # a meter name is not 1-32 of a-z0-9_
-    OUT_OF_RANGE = "out_of_range"  # an integer outside 0..2**63-1, too many meters
+    OUT_OF_RANGE = "out_of_range"  # an int outside 0..2**63-1, >64 meters, used past 2**63-1
     DEVICE_MISMATCH = "device_mismatch"  # d differs from the topic's {id}
     UNKNOWN_DEVICE = "unknown_device"  # no device provisioned under that id
     REVOKED_DEVICE = "revoked_device"  # the device was revoked

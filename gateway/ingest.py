@@ -25,6 +25,7 @@ from gateway.ledger import Debit, HighMark, LedgerWrite
 from gateway.metering import Device, attributed_time, charge, debit, next_control, raise_highs
 from gateway.views import Event
 from gateway.wire import (
+    MAX_UINT,
     USAGE_DOMAIN,
     ControlMessage,
     UsageReport,
@@ -120,8 +121,7 @@ def charge_batch(
     result = BatchResult()
     for item in items:
         if isinstance(item, Rejected):
-            result.rejected.append(item)
-            result.events.append(_rejected_event(item, now_ms))
+            _reject(item, now_ms, result)
         else:
             _charge_one(item, registry, pricing, now_ms, result)
     result.write.devices.extend(result.devices.values())
@@ -134,12 +134,16 @@ def _charge_one(
     device = result.devices.get(report.device) or registry.devices.get(report.device)
     if device is None or device.revoked:  # revoked or removed since verification
         reason = Reason.REVOKED_DEVICE if device else Reason.UNKNOWN_DEVICE
-        rejected = Rejected(report.device, Rejection(reason))
-        result.rejected.append(rejected)
-        result.events.append(_rejected_event(rejected, now_ms))
+        _reject(Rejected(report.device, Rejection(reason)), now_ms, result)
         return
     highs = device.highs_of(report.boot)
     outcome = charge(report, highs, pricing.prices)
+    if device.used + outcome.tokens > MAX_UINT:
+        # The ledger keeps 64-bit integers. A genuine report cannot get here (2**63 tokens);
+        # a broken or hostile device can, and must be refused rather than stop the gateway.
+        detail = f"used would pass {MAX_UINT} tokens"
+        _reject(Rejected(device.id, Rejection(Reason.OUT_OF_RANGE, detail)), now_ms, result)
+        return
     for meter in outcome.unpriced:
         result.events.append(Event("unpriced_meter", device.id, now_ms, {"meter": meter}))
     if not outcome.lines:
@@ -194,6 +198,7 @@ def transition_event(device: str, previous: str, control: ControlMessage) -> Eve
     return Event(kind, device, control.time_ms, details)
 
 
-def _rejected_event(item: Rejected, now_ms: int) -> Event:
+def _reject(item: Rejected, now_ms: int, result: BatchResult) -> None:
+    result.rejected.append(item)
     details = {"reason": item.rejection.reason.value, "detail": item.rejection.detail}
-    return Event("rejected", item.device, now_ms, details)
+    result.events.append(Event("rejected", item.device, now_ms, details))

@@ -13,15 +13,19 @@ the point.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
+from gateway.errors import LedgerError
 from gateway.metering import Device
 
 Bucket = Literal["hour", "day", "month", "all"]
 BUCKETS: tuple[Bucket, ...] = ("hour", "day", "month", "all")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_INT64 = range(-(2**63), 2**63)  # what SQLite's INTEGER holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,11 @@ class UsageRow:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What the gateway loads at start-up to rebuild its in-memory state."""
+    """What the gateway loads at start-up to rebuild its in-memory state.
+
+    ``H`` lives in ``highs`` only: the ``devices`` come back with empty ``Device.highs``
+    (whatever they carried when written), and the caller puts the two together.
+    """
 
     devices: list[Device]
     highs: list[HighMark]
@@ -138,15 +146,18 @@ def bucket_start(at_ms: int, bucket: Bucket) -> int | None:
         return at_ms - at_ms % 3_600_000
     if bucket == "day":
         return at_ms - at_ms % 86_400_000
-    import datetime as _dt
-
-    moment = _dt.datetime.fromtimestamp(at_ms / 1000, tz=_dt.UTC)
+    moment = _EPOCH + dt.timedelta(milliseconds=at_ms)
     start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return int(start.timestamp()) * 1000
+    return (start - _EPOCH) // dt.timedelta(milliseconds=1)
 
 
 class MemoryLedger:
-    """An in-memory :class:`Ledger`: same contract, no durability."""
+    """An in-memory :class:`Ledger`: same contract, no durability.
+
+    It refuses what SQLite refuses, with :class:`LedgerError` and nothing applied: a
+    second grant with the same ``(device, idempotency_key)``, a debit that does not
+    advance or costs less than nothing, an integer outside 64 bits.
+    """
 
     def __init__(self) -> None:
         self.devices: dict[str, Device] = {}
@@ -167,11 +178,31 @@ class MemoryLedger:
         return Snapshot(list(self.devices.values()), highs)
 
     async def commit(self, write: LedgerWrite) -> None:
-        self.devices.update((device.id, device) for device in write.devices)
+        self._check(write)  # first, so that a refused write applies nothing
+        self.devices.update((device.id, replace(device, highs=())) for device in write.devices)
         self.highs.update(((h.device, h.boot, h.meter), h.high) for h in write.highs)
         self.debits.extend(write.debits)
         self.grants.extend(write.grants)
         self.commits += 1
+
+    def _check(self, write: LedgerWrite) -> None:
+        keys = {(g.device, g.idempotency_key) for g in self.grants} if write.grants else set()
+        for grant in write.grants:
+            key = (grant.device, grant.idempotency_key)
+            if grant.idempotency_key is not None and key in keys:  # NULLs never clash
+                raise LedgerError(f"commit failed: grant {key} exists")
+            keys.add(key)
+        for d in write.debits:
+            if not (d.to_units > d.from_units and d.tokens >= 0):
+                raise LedgerError(f"commit failed: debit {d} does not advance")
+        numbers = [
+            *(n for d in write.devices for n in (d.allocation, d.used, d.created_ms)),
+            *(h.high for h in write.highs),
+            *(n for d in write.debits for n in (d.from_units, d.to_units, d.tokens, d.at_ms)),
+            *(g.tokens for g in write.grants),
+        ]
+        if any(n not in _INT64 for n in numbers):
+            raise LedgerError("commit failed: an integer does not fit in 64 bits")
 
     async def find_grant(self, device: str, idempotency_key: str) -> Grant | None:
         for grant in self.grants:

@@ -112,23 +112,29 @@ class Level:
     rate_permille: int
     why: str
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """What a device acts on: a change of it takes a new control message."""
+        return (self.state, self.rate_permille)
+
 
 def decide_level(device: Device, ladder: Sequence[ThrottleStep]) -> Level:
     """The level a device should run at, from its balance share of the allocation (prepaid).
 
-    ``ladder`` is ordered by ``below`` descending; the last step whose threshold the
-    balance is at or under wins. Zero or less blocks; revoked devices are blocked.
+    Of the steps whose threshold the balance is at or under, the one with the lowest
+    threshold wins (the lowest rate among equal thresholds), whatever the order of
+    ``ladder``. Zero or less blocks; revoked devices are blocked.
     """
     if device.revoked:
         return Level("block", 0, "revoked")
     balance = device.balance
     if balance <= 0:
         return Level("block", 0, "exhausted")
-    level = Level("ok", 1000, "ok")
-    for step in ladder:
-        if balance <= step.below * device.allocation:
-            level = Level("throttle", step.rate_permille, "low_balance")
-    return level
+    reached = [step for step in ladder if balance <= step.below * device.allocation]
+    if not reached:
+        return Level("ok", 1000, "ok")
+    step = min(reached, key=lambda s: (s.below, s.rate_permille))
+    return Level("throttle", step.rate_permille, "low_balance")
 
 
 def next_control(
@@ -147,15 +153,7 @@ def next_control(
     """
     level = decide_level(device, ladder)
     last = device.control
-    if (
-        last is not None
-        and not force
-        and (last.state, last.rate_permille)
-        == (
-            level.state,
-            level.rate_permille,
-        )
-    ):
+    if last is not None and not force and (last.state, last.rate_permille) == level.key:
         return None
     reason = why if (why is not None and level.state == "ok") else level.why
     seq = last.seq + 1 if last is not None else 1

@@ -10,9 +10,11 @@ import re
 from fractions import Fraction
 from typing import Final
 
-_DECIMAL: Final = re.compile(r"\d{1,18}(\.\d{1,18})?\Z")
-_FRACTION: Final = re.compile(r"\d{1,18}/\d{1,18}\Z")
-_PERCENT: Final = re.compile(r"\d{1,3}(\.\d{1,6})?%\Z")
+# [0-9], not \d: \d also matches other scripts' digits (fullwidth, Arabic-Indic), which
+# int() and Fraction() accept.
+_DECIMAL: Final = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})?\Z")
+_FRACTION: Final = re.compile(r"[0-9]{1,18}/[0-9]{1,18}\Z")
+_PERCENT: Final = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?%\Z")
 
 
 def parse_price(text: str) -> Fraction:
@@ -43,18 +45,15 @@ def parse_share(text: str) -> Fraction:
 
 
 def format_price(price: Fraction) -> str:
-    """The exact string for a price: ``"0.01"`` when it is a finite decimal, else ``"1/3"``."""
-    denominator = price.denominator
-    for factor in (2, 5):
-        while denominator % factor == 0:
-            denominator //= factor
-    if denominator != 1:
-        return f"{price.numerator}/{price.denominator}"
-    scale = 0
-    while (price * 10**scale).denominator != 1:
-        scale += 1
-    digits = str(price.numerator * 10**scale // price.denominator).rjust(scale + 1, "0")
-    return digits if scale == 0 else f"{digits[:-scale]}.{digits[-scale:]}"
+    """The exact string for a price, in a form :func:`parse_price` reads back: a decimal
+    (``"0.01"``) when it is one with at most 18 digits after the point, else a fraction
+    (``"1/3"``, and ``"1/1048576"`` rather than 20 decimals)."""
+    for scale in range(19):
+        scaled = price * 10**scale
+        if scaled.denominator == 1:
+            digits = str(scaled.numerator).rjust(scale + 1, "0")
+            return digits if scale == 0 else f"{digits[:-scale]}.{digits[-scale:]}"
+    return f"{price.numerator}/{price.denominator}"
 
 
 def charged(units: int, price: Fraction) -> int:

@@ -8,17 +8,23 @@ aiosqlite per statement runs near 1,700 rows a second, batches run over 100,000)
 
 A second, read-only connection serves usage queries, so a long report never holds up
 commits (WAL lets readers and the writer run side by side).
+
+Sums are exact: SQLite's ``SUM`` fails on 64-bit overflow, so usage sums add the high
+and low 32 bits of each value separately and Python joins them (a free meter counted up
+to 2**63 in two boot epochs would otherwise break every usage query).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from gateway.errors import LedgerError
+from gateway.errors import InvalidMessage, LedgerError
 from gateway.ledger import Debit, Grant, HighMark, LedgerWrite, Snapshot, UsageQuery, UsageRow
 from gateway.metering import Device
 from gateway.wire import ControlMessage
@@ -71,6 +77,7 @@ _INSERT_GRANT = (
     "INSERT INTO grants (device, account, tokens, kind, at_ms, idempotency_key)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+_LOW_BITS = 2**32 - 1
 _BUCKET_SQL = {
     "all": "NULL",
     "hour": "at_ms - at_ms % 3600000",
@@ -123,7 +130,12 @@ class SqliteLedger:
             await self._writer.execute("PRAGMA synchronous = FULL")
             await self._writer.executescript(SCHEMA)
             await self._check_version()
-            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+            # as_uri() percent-encodes: a '?', '#' or '%' in the path stays part of the path.
+            reader_uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._reader = await aiosqlite.connect(reader_uri, uri=True)
+        except LedgerError:
+            await self.close()  # a refused file (no WAL, another schema) holds no connection
+            raise
         except sqlite3.Error as exc:
             await self.close()
             raise LedgerError(f"ledger {self.path}: {exc}") from None
@@ -153,6 +165,14 @@ class SqliteLedger:
                 await conn.close()
         self._reader = self._writer = None
 
+    @contextlib.contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """Raise sqlite3's errors (and a value too big for SQLite) as LedgerError."""
+        try:
+            yield
+        except (sqlite3.Error, OverflowError, InvalidMessage) as exc:
+            raise LedgerError(f"ledger {self.path}: {doing}: {exc}") from None
+
     @property
     def _w(self) -> aiosqlite.Connection:
         if self._writer is None:
@@ -166,27 +186,24 @@ class SqliteLedger:
         return self._reader
 
     async def load(self) -> Snapshot:
-        try:
+        with self._translated("cannot load"):  # a stored control message may be corrupt
             async with self._w.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices") as cursor:
                 devices = [device_from_row(tuple(row)) for row in await cursor.fetchall()]
             async with self._w.execute("SELECT device, boot, meter, high FROM highs") as cursor:
                 highs = [HighMark(*row) for row in await cursor.fetchall()]
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: cannot load: {exc}") from None
         return Snapshot(devices, highs)
 
     async def commit(self, write: LedgerWrite) -> None:
         conn = self._w
-        try:
+        with self._translated("commit failed"):
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 await self._apply(conn, write)
                 await conn.execute("COMMIT")
             except BaseException:
-                await conn.execute("ROLLBACK")
+                if conn.in_transaction:  # some errors end the transaction themselves
+                    await conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: commit failed: {exc}") from None
 
     @staticmethod
     async def _apply(conn: aiosqlite.Connection, write: LedgerWrite) -> None:
@@ -209,42 +226,50 @@ class SqliteLedger:
             "SELECT device, account, tokens, kind, at_ms, idempotency_key FROM grants"
             " WHERE device = ? AND idempotency_key = ?"
         )
-        async with self._w.execute(sql, (device, idempotency_key)) as cursor:
-            row = await cursor.fetchone()
+        with self._translated("cannot read grants"):
+            async with self._w.execute(sql, (device, idempotency_key)) as cursor:
+                row = await cursor.fetchone()
         return None if row is None else Grant(*row)
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
         where, args = _usage_filters(query)
         bucket = _BUCKET_SQL[query.bucket]
         sql = (
-            f"SELECT {bucket} AS b, device, account, meter, SUM(to_units - from_units),"
-            f" SUM(tokens) FROM debits {where} GROUP BY b, device, account, meter"
+            f"SELECT {bucket} AS b, device, account, meter, {_exact_sum('to_units - from_units')},"
+            f" {_exact_sum('tokens')} FROM debits {where} GROUP BY b, device, account, meter"
             " ORDER BY b, device, account, meter"
         )
-        try:
+        with self._translated("usage query failed"):
             async with self._r.execute(sql, args) as cursor:
-                return [UsageRow(*row) for row in await cursor.fetchall()]
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: usage query failed: {exc}") from None
+                rows = await cursor.fetchall()
+        return [
+            UsageRow(b, device, account, meter, (u_hi << 32) + u_lo, (t_hi << 32) + t_lo)
+            for b, device, account, meter, u_hi, u_lo, t_hi, t_lo in rows
+        ]
 
     async def totals(self, device: str) -> tuple[int, int]:
-        granted = await self._scalar(
-            self._r, "SELECT COALESCE(SUM(tokens), 0) FROM grants WHERE device = ?", (device,)
-        )
-        debited = await self._scalar(
-            self._r, "SELECT COALESCE(SUM(tokens), 0) FROM debits WHERE device = ?", (device,)
-        )
-        return int(granted), int(debited)
+        sums = []
+        with self._translated("cannot read totals"):
+            for table in ("grants", "debits"):
+                sql = f"SELECT {_exact_sum('tokens')} FROM {table} WHERE device = ?"
+                async with self._r.execute(sql, (device,)) as cursor:
+                    high, low = await cursor.fetchone() or (None, None)
+                sums.append(((high or 0) << 32) + (low or 0))
+        return sums[0], sums[1]
 
     async def get_meta(self, key: str) -> bytes | None:
-        value = await self._scalar(self._w, "SELECT value FROM meta WHERE key = ?", (key,))
+        with self._translated("cannot read meta"):
+            value = await self._scalar(self._w, "SELECT value FROM meta WHERE key = ?", (key,))
         return None if value is None else bytes(value)
 
     async def set_meta(self, key: str, value: bytes) -> None:
-        try:
+        with self._translated("cannot write meta"):
             await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: {exc}") from None
+
+
+def _exact_sum(expr: str) -> str:
+    """Two SQL sums, of the high and of the low 32 bits of ``expr``: neither overflows."""
+    return f"SUM(({expr}) >> 32), SUM(({expr}) & {_LOW_BITS})"
 
 
 def _debit_row(d: Debit) -> tuple[Any, ...]:

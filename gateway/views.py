@@ -9,12 +9,14 @@ from typing import Any
 
 from gateway.metering import Device
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 
 def rfc3339(ms: int | None) -> str | None:
     """``ms`` since the Unix epoch as RFC 3339 UTC with milliseconds (``...Z``); None stays None."""
     if ms is None:
         return None
-    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    moment = _EPOCH + dt.timedelta(milliseconds=ms)  # integer arithmetic: no float rounding
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -66,4 +68,5 @@ def parse_time(text: str) -> int:
     moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
-    return int(moment.timestamp() * 1000)
+    # Exact, rounding down: ``timestamp() * 1000`` goes through a float.
+    return (moment - _EPOCH) // dt.timedelta(milliseconds=1)

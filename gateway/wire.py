@@ -16,8 +16,9 @@ raises :class:`~gateway.errors.InvalidMessage`, a caller bug).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final, Literal, TypeVar
 
 import msgpack
@@ -67,7 +68,9 @@ def _is_int(value: object) -> bool:
 class UsageReport:
     """A device's signed statement of its cumulative counters (contract §4).
 
-    ``counters`` maps meter name to the cumulative count since boot epoch ``boot`` began.
+    ``counters`` maps meter name to the cumulative count since boot epoch ``boot`` began;
+    the report keeps a read-only copy, so a caller changing its dict afterwards cannot
+    change (or invalidate) a report that has already been checked.
     Raises :class:`InvalidMessage` when built from out-of-range values.
     """
 
@@ -86,9 +89,13 @@ class UsageReport:
         for name, value in (("b", self.boot), ("n", self.number), ("t", self.device_time_ms)):
             if not _is_uint(value):
                 raise InvalidMessage(Reason.OUT_OF_RANGE, f"{name}={value!r}"[:80])
+        if not isinstance(self.counters, Mapping):
+            raise InvalidMessage(Reason.WRONG_TYPE, "c must be a map")
         if len(self.counters) > MAX_METERS:
             raise InvalidMessage(Reason.OUT_OF_RANGE, f"{len(self.counters)} meters")
-        for meter, count in self.counters.items():
+        counters = MappingProxyType(dict(self.counters))
+        object.__setattr__(self, "counters", counters)  # frozen: the one sanctioned write
+        for meter, count in counters.items():
             if not is_meter_name(meter):
                 raise InvalidMessage(Reason.BAD_METER, repr(meter)[:80])
             if not _is_uint(count):
@@ -222,19 +229,48 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise InvalidMessage(Reason.MALFORMED, f"msgpack extension type {code}")
 
 
+def _strict_map(pairs: list[tuple[object, object]]) -> dict[object, object]:
+    """A map without duplicate keys or timestamps: one set of bytes means one thing.
+
+    msgpack keeps the last of duplicate keys; another decoder (a device's C firmware) may
+    keep the first, so a signed message with duplicates could read differently to each.
+    """
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise InvalidMessage(Reason.MALFORMED, "duplicate map key")
+    _refuse_timestamps(mapping.values())
+    return mapping
+
+
+def _strict_list(items: list[object]) -> list[object]:
+    _refuse_timestamps(items)
+    return items
+
+
+def _refuse_timestamps(values: Iterable[object]) -> None:
+    # msgpack decodes extension type -1 (timestamp) itself, without calling ext_hook.
+    if any(type(value) is msgpack.Timestamp for value in values):
+        raise InvalidMessage(Reason.MALFORMED, "msgpack extension type -1")
+
+
 def _unpack(data: bytes) -> object:
-    """Strict msgpack decode of one object: raises InvalidMessage(MALFORMED) on any failure."""
+    """Strict msgpack decode of one object: raises InvalidMessage(MALFORMED) on any failure
+    (not msgpack, trailing bytes, invalid UTF-8, extension types, duplicate map keys)."""
     try:
-        return msgpack.unpackb(
+        obj = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             ext_hook=_refuse_ext,
+            object_pairs_hook=_strict_map,
+            list_hook=_strict_list,
         )
     except InvalidMessage:
         raise
     except Exception as exc:  # msgpack raises a zoo of types; all mean "not msgpack"
         raise InvalidMessage(Reason.MALFORMED, type(exc).__name__) from None
+    _refuse_timestamps((obj,))
+    return obj
 
 
 def decode_envelope(data: bytes) -> Envelope | Rejection:

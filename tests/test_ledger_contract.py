@@ -1,0 +1,454 @@
+"""One ledger contract, two ledgers: the in-memory fake and SQLite pass the same suite.
+
+Then what only SQLite can show: durability (WAL, ``synchronous=FULL``, a process killed
+right after a commit loses nothing), and clear errors for files it cannot use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import LedgerError
+from gateway.ledger import (
+    Debit,
+    Grant,
+    HighMark,
+    Ledger,
+    LedgerWrite,
+    MemoryLedger,
+    UsageQuery,
+    bucket_start,
+)
+from gateway.metering import Device
+from gateway.sqlite_ledger import SqliteLedger
+from gateway.wire import ControlMessage
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % DAY  # a UTC midnight: 2026-11-18T00:00Z
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def utc_ms(*parts: int) -> int:
+    moment = dt.datetime(*parts, tzinfo=dt.UTC)  # type: ignore[misc]
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    store: Ledger = (
+        MemoryLedger() if request.param == "memory" else SqliteLedger(tmp_path / "l.sqlite3")
+    )
+    await store.open()
+    yield store
+    await store.close()
+
+
+def device(name: str, *, control: bool = False, account: str = "acme") -> Device:
+    message = ControlMessage(name, 3, T0, "throttle", 500, 15, "low_balance") if control else None
+    return Device(name, bytes(range(32)), account, 100, 85, T0, T0 + 1, False, T0 + 2, message, 2)
+
+
+def debit(
+    name: str, meter: str, start: int, end: int, tokens: int, at: int, *, account: str = "acme"
+) -> Debit:
+    return Debit(name, account, 1, meter, start, end, tokens, at, at + 5)
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+async def test_devices_with_and_without_control_are_loaded_back_whole(ledger: Ledger) -> None:
+    revoked = Device("c", b"\xff" * 32, "other", 0, 0, 1, 2, True, None, None, 0)
+    blocked = Device(
+        "d", bytes(32), "acme", 10, 2**62, 5, 6, False, 7,
+        ControlMessage("d", 2**63 - 1, 2**63 - 1, "block", 0, -(2**63), "exhausted"), 2**63 - 1,
+    )  # fmt: skip
+    written = [device("a", control=True), device("b"), revoked, blocked]
+    await ledger.commit(LedgerWrite(devices=written))
+    snapshot = await ledger.load()
+    assert sorted(snapshot.devices, key=lambda d: d.id) == written
+    assert snapshot.highs == []
+
+
+async def test_highs_come_back_in_the_snapshot_not_in_the_device_records(ledger: Ledger) -> None:
+    """The caller joins them (service.load); both ledgers agree on that split."""
+    carrying = Device("a", bytes(32), "acme", 1, 0, 0, 0, highs=((1, "x", 5),))
+    marks = [HighMark("a", 1, "api_calls", 500), HighMark("a", 2**63 - 1, "gpu_seconds", 2**63 - 1)]
+    await ledger.commit(LedgerWrite(devices=[carrying], highs=marks))
+    snapshot = await ledger.load()
+    assert [d.highs for d in snapshot.devices] == [()]
+    assert sorted(snapshot.highs, key=lambda h: h.boot) == marks
+
+
+async def test_devices_and_highs_are_upserted_debits_and_grants_appended(ledger: Ledger) -> None:
+    await ledger.commit(
+        LedgerWrite(
+            devices=[device("a")],
+            highs=[HighMark("a", 1, "x", 5), HighMark("a", 2, "x", 1)],
+            debits=[debit("a", "x", 0, 5, 5, T0)],
+            grants=[Grant("a", "acme", 100, "initial", T0)],
+        )
+    )
+    changed = Device("a", bytes(range(32)), "acme", 200, 90, T0, T0 + 9)
+    await ledger.commit(
+        LedgerWrite(
+            devices=[changed],
+            highs=[HighMark("a", 1, "x", 9)],
+            debits=[debit("a", "x", 5, 9, 4, T0 + 1)],
+            grants=[Grant("a", "acme", 100, "refill", T0 + 1)],
+        )
+    )
+    snapshot = await ledger.load()
+    assert snapshot.devices == [changed]
+    assert sorted((h.boot, h.meter, h.high) for h in snapshot.highs) == [(1, "x", 9), (2, "x", 1)]
+    assert await ledger.totals("a") == (200, 9)
+
+
+async def test_an_empty_write_changes_nothing(ledger: Ledger) -> None:
+    await ledger.commit(LedgerWrite())
+    snapshot = await ledger.load()
+    assert (snapshot.devices, snapshot.highs) == ([], [])
+    assert not LedgerWrite()
+
+
+async def test_totals_are_the_sums_of_grants_and_debits_per_device(ledger: Ledger) -> None:
+    await ledger.commit(
+        LedgerWrite(
+            debits=[debit("a", "x", 0, 5, 5, T0), debit("a", "y", 0, 1, 0, T0),
+                    debit("b", "x", 0, 9, 9, T0)],
+            grants=[Grant("a", "acme", 100, "initial", T0), Grant("a", "acme", 2**62, "refill", T0),
+                    Grant("b", "acme", 7, "initial", T0)],
+        )
+    )  # fmt: skip
+    assert await ledger.totals("a") == (100 + 2**62, 5)
+    assert await ledger.totals("b") == (7, 9)
+    assert await ledger.totals("nobody") == (0, 0)
+
+
+async def test_a_grant_is_found_by_device_and_idempotency_key(ledger: Ledger) -> None:
+    grant = Grant("a", "acme", 40, "refill", T0, "key-1")
+    await ledger.commit(
+        LedgerWrite(grants=[Grant("a", "acme", 100, "initial", T0), grant,
+                            Grant("b", "acme", 41, "refill", T0, "key-2")])
+    )  # fmt: skip
+    assert await ledger.find_grant("a", "key-1") == grant
+    assert await ledger.find_grant("a", "key-2") is None
+    assert await ledger.find_grant("b", "key-1") is None
+    assert await ledger.find_grant("nobody", "key-1") is None
+
+
+async def test_grants_without_a_key_never_clash_and_one_key_serves_two_devices(
+    ledger: Ledger,
+) -> None:
+    await ledger.commit(LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0)] * 3))
+    await ledger.commit(
+        LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0, "k"),
+                            Grant("b", "acme", 2, "refill", T0, "k")])
+    )  # fmt: skip
+    assert await ledger.totals("a") == (4, 0)
+    found = await ledger.find_grant("b", "k")
+    assert found is not None
+    assert found.tokens == 2
+
+
+async def test_meta_values_are_bytes_kept_by_key(ledger: Ledger) -> None:
+    assert await ledger.get_meta("k") is None
+    await ledger.set_meta("k", b"\x00\x01")
+    await ledger.set_meta("other", b"")
+    assert await ledger.get_meta("k") == b"\x00\x01"
+    await ledger.set_meta("k", b"\x02")
+    assert (await ledger.get_meta("k"), await ledger.get_meta("other")) == (b"\x02", b"")
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+USAGE = [
+    debit("a", "api_calls", 0, 100, 1, T0 + 10),
+    debit("a", "api_calls", 100, 300, 2, T0 + HOUR + 10),
+    debit("a", "gpu_seconds", 0, 6, 2, T0 + HOUR + 20),
+    debit("b", "api_calls", 0, 50, 1, T0 + 25 * HOUR, account="beta"),
+    debit("c", "api_calls", 0, 7, 1, T0 + 2 * HOUR, account="beta"),
+]
+
+
+async def usage_rows(ledger: Ledger, **query: Any) -> list[tuple[Any, ...]]:
+    rows = await ledger.usage(UsageQuery(**query))
+    return [(r.bucket_start_ms, r.device, r.account, r.meter, r.units, r.tokens) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("query", "want"),
+    [
+        pytest.param({}, [(None, "a", "acme", "api_calls", 300, 3),
+                          (None, "a", "acme", "gpu_seconds", 6, 2),
+                          (None, "b", "beta", "api_calls", 50, 1),
+                          (None, "c", "beta", "api_calls", 7, 1)], id="everything"),
+        pytest.param({"device": "a"}, [(None, "a", "acme", "api_calls", 300, 3),
+                                       (None, "a", "acme", "gpu_seconds", 6, 2)], id="device"),
+        pytest.param({"account": "beta"}, [(None, "b", "beta", "api_calls", 50, 1),
+                                           (None, "c", "beta", "api_calls", 7, 1)], id="account"),
+        pytest.param({"meter": "gpu_seconds"}, [(None, "a", "acme", "gpu_seconds", 6, 2)],
+                     id="meter"),
+        pytest.param({"since_ms": T0 + HOUR + 10}, [(None, "a", "acme", "api_calls", 200, 2),
+                                                    (None, "a", "acme", "gpu_seconds", 6, 2),
+                                                    (None, "b", "beta", "api_calls", 50, 1),
+                                                    (None, "c", "beta", "api_calls", 7, 1)],
+                     id="since is inclusive"),
+        pytest.param({"until_ms": T0 + HOUR + 20}, [(None, "a", "acme", "api_calls", 300, 3)],
+                     id="until is exclusive"),
+        pytest.param({"since_ms": T0 + HOUR, "until_ms": T0 + 2 * HOUR},
+                     [(None, "a", "acme", "api_calls", 200, 2),
+                      (None, "a", "acme", "gpu_seconds", 6, 2)], id="a window"),
+        pytest.param({"device": "a", "meter": "api_calls", "bucket": "hour"},
+                     [(T0, "a", "acme", "api_calls", 100, 1),
+                      (T0 + HOUR, "a", "acme", "api_calls", 200, 2)], id="hour buckets"),
+        pytest.param({"meter": "api_calls", "bucket": "day"},
+                     [(T0, "a", "acme", "api_calls", 300, 3),
+                      (T0, "c", "beta", "api_calls", 7, 1),
+                      (T0 + DAY, "b", "beta", "api_calls", 50, 1)], id="day buckets"),
+        pytest.param({"account": "acme", "device": "b"}, [], id="filters combine"),
+        pytest.param({"device": "nobody"}, [], id="nothing matches"),
+    ],
+)  # fmt: skip
+async def test_usage_by_filter_and_bucket(
+    ledger: Ledger, query: dict[str, Any], want: list[tuple[Any, ...]]
+) -> None:
+    await ledger.commit(LedgerWrite(debits=USAGE))
+    assert await usage_rows(ledger, **query) == want
+
+
+async def test_month_buckets_start_on_the_first_of_the_month_in_utc(ledger: Ledger) -> None:
+    moments = [
+        utc_ms(2026, 11, 30, 23, 59, 59, 999_000),
+        utc_ms(2026, 12, 1),
+        utc_ms(2026, 12, 31, 23, 59, 59, 999_000),
+        utc_ms(2027, 1, 1),
+        utc_ms(2028, 2, 29, 12),
+    ]
+    debits = [debit("a", "x", i, i + 1, 1, at) for i, at in enumerate(moments)]
+    await ledger.commit(LedgerWrite(debits=debits))
+    rows = await usage_rows(ledger, bucket="month")
+    assert [(start, units) for start, *_, units, _ in rows] == [
+        (utc_ms(2026, 11, 1), 1),
+        (utc_ms(2026, 12, 1), 2),
+        (utc_ms(2027, 1, 1), 1),
+        (utc_ms(2028, 2, 1), 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("at", "bucket", "start"),
+    [
+        (T0 + HOUR - 1, "hour", T0), (T0 + HOUR, "hour", T0 + HOUR), (T0 + DAY - 1, "day", T0),
+        (T0 + DAY, "day", T0 + DAY), (utc_ms(2027, 1, 1) - 1, "month", utc_ms(2026, 12, 1)),
+        (utc_ms(2027, 1, 1), "month", utc_ms(2027, 1, 1)), (0, "month", 0), (T0 + 5, "all", None),
+    ],
+)  # fmt: skip
+def test_bucket_start_is_the_utc_start_of_the_bucket(at: int, bucket: Any, start: int) -> None:
+    assert bucket_start(at, bucket) == start
+
+
+async def test_usage_sums_are_exact_beyond_64_bits(ledger: Ledger) -> None:
+    """A free meter counted to 2**63-1 in two boot epochs: SQLite's SUM alone would overflow."""
+    big = 2**63 - 1
+    await ledger.commit(
+        LedgerWrite(
+            debits=[
+                Debit("a", "acme", 1, "free", 0, big, big, T0, T0),
+                Debit("a", "acme", 2, "free", 0, big, big, T0, T0),
+                Debit("b", "acme", 1, "free", 0, big, 0, T0, T0),
+            ]
+        )
+    )
+    assert await usage_rows(ledger) == [
+        (None, "a", "acme", "free", 2 * big, 2 * big),
+        (None, "b", "acme", "free", big, 0),
+    ]
+    assert await usage_rows(ledger, meter="free", bucket="day") == [
+        (T0, "a", "acme", "free", 2 * big, 2 * big),
+        (T0, "b", "acme", "free", big, 0),
+    ]
+    assert await ledger.totals("a") == (0, 2 * big)
+
+
+# --- all or nothing ------------------------------------------------------------------------
+
+
+async def test_a_write_refused_mid_way_applies_nothing(ledger: Ledger) -> None:
+    """A second grant with a used (device, idempotency key) fails the whole transaction."""
+    await ledger.commit(LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0, "k")]))
+    clash = LedgerWrite(
+        devices=[device("a")],
+        highs=[HighMark("a", 1, "x", 5)],
+        debits=[debit("a", "x", 0, 5, 5, T0)],
+        grants=[Grant("a", "acme", 9, "refill", T0), Grant("a", "acme", 1, "refill", T0, "k")],
+    )
+    with pytest.raises(LedgerError):
+        await ledger.commit(clash)
+    snapshot = await ledger.load()
+    assert (snapshot.devices, snapshot.highs) == ([], [])
+    assert await ledger.totals("a") == (1, 0)
+    assert await ledger.usage(UsageQuery()) == []
+    await ledger.commit(LedgerWrite(devices=[device("a")]))  # and the ledger still works
+    assert [d.id for d in (await ledger.load()).devices] == ["a"]
+
+
+async def test_the_same_idempotency_key_twice_in_one_write_is_refused(ledger: Ledger) -> None:
+    twice = [Grant("a", "acme", 1, "refill", T0, "k"), Grant("a", "acme", 1, "refill", T0, "k")]
+    with pytest.raises(LedgerError):
+        await ledger.commit(LedgerWrite(grants=twice))
+    assert await ledger.totals("a") == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(Debit("a", "acme", 1, "x", 5, 5, 0, T0, T0), id="no advance"),
+        pytest.param(Debit("a", "acme", 1, "x", 5, 4, 0, T0, T0), id="backwards"),
+        pytest.param(Debit("a", "acme", 1, "x", 0, 4, -1, T0, T0), id="negative tokens"),
+        pytest.param(Debit("a", "acme", 1, "x", 0, 4, 2**63, T0, T0), id="tokens past 64 bits"),
+    ],
+)
+async def test_a_debit_that_breaks_the_rules_is_refused_with_nothing_applied(
+    ledger: Ledger, bad: Debit
+) -> None:
+    good = debit("a", "x", 0, 5, 5, T0)
+    with pytest.raises(LedgerError):
+        await ledger.commit(LedgerWrite(devices=[device("a")], debits=[good, bad]))
+    assert await ledger.totals("a") == (0, 0)
+    assert (await ledger.load()).devices == []
+
+
+# --- SQLite only: durability and errors ------------------------------------------------------
+
+
+async def test_the_writer_runs_in_wal_mode_with_synchronous_full(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    await ledger.open()
+    try:
+        async with ledger._w.execute("PRAGMA journal_mode") as cursor:
+            assert await cursor.fetchone() == ("wal",)
+        async with ledger._w.execute("PRAGMA synchronous") as cursor:
+            assert await cursor.fetchone() == (2,)  # FULL: survives power loss, not only a crash
+    finally:
+        await ledger.close()
+
+
+async def test_a_commit_survives_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.commit(LedgerWrite(devices=[device("a", control=True)], grants=[
+        Grant("a", "acme", 100, "initial", T0, "k")]))  # fmt: skip
+    await ledger.close()
+    with sqlite3.connect(path) as raw:  # another process's view
+        assert raw.execute("SELECT SUM(tokens) FROM grants").fetchone() == (100,)
+    again = SqliteLedger(path)
+    await again.open()
+    try:
+        assert (await again.load()).devices == [device("a", control=True)]
+        assert await again.find_grant("a", "k") is not None
+    finally:
+        await again.close()
+
+
+async def test_a_process_killed_right_after_a_commit_loses_nothing(tmp_path: Path) -> None:
+    """No close, no checkpoint: the committed transaction is in the WAL on disk."""
+    path = tmp_path / "l.sqlite3"
+    script = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        from pathlib import Path
+        from gateway.ledger import Debit, Grant, LedgerWrite
+        from gateway.sqlite_ledger import SqliteLedger
+
+        async def main():
+            ledger = SqliteLedger(Path(sys.argv[1]))
+            await ledger.open()
+            await ledger.commit(LedgerWrite(
+                grants=[Grant("a", "acme", 100, "initial", 1)],
+                debits=[Debit("a", "acme", 1, "x", 0, 7, 7, 1, 1)]))
+            os._exit(0)
+
+        asyncio.run(main())
+        """
+    )
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path), cwd=ROOT)
+    assert await asyncio.wait_for(child.wait(), 60) == 0
+    assert path.with_name("l.sqlite3-wal").exists()  # not checkpointed: recovered on open
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        assert await ledger.totals("a") == (100, 7)
+    finally:
+        await ledger.close()
+
+
+async def test_a_path_with_uri_characters_is_one_file_for_reader_and_writer(
+    tmp_path: Path,
+) -> None:
+    """The read-only connection opens a file: URI; '#', '?' and '%' must stay in the path."""
+    path = tmp_path / "odd #dir?x=%41" / "l.sqlite3"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        await ledger.commit(LedgerWrite(debits=[debit("a", "x", 0, 5, 5, T0)]))
+        assert await ledger.totals("a") == (0, 5)  # the reader sees the writer's file
+        assert len(await ledger.usage(UsageQuery())) == 1
+    finally:
+        await ledger.close()
+    assert path.exists()
+
+
+async def test_a_ledger_that_is_not_open_raises_ledger_error(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.commit(LedgerWrite())
+    await ledger.open()
+    await ledger.close()
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.load()
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.usage(UsageQuery())
+
+
+async def test_a_corrupt_file_is_a_clear_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match="not a database"):
+        await SqliteLedger(path).open()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (b"2",))
+    with pytest.raises(LedgerError, match="schema 2"):
+        await SqliteLedger(path).open()
+
+
+async def test_a_corrupt_stored_control_message_is_a_ledger_error_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.commit(LedgerWrite(devices=[device("a", control=True)]))
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE devices SET ctl_s = 'paused'")
+    try:
+        with pytest.raises(LedgerError, match="cannot load"):
+            await ledger.load()
+    finally:
+        await ledger.close()
