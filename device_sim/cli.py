@@ -28,7 +28,7 @@ from device_sim.faults import FaultKind, FaultPlan
 from device_sim.fleet import DEFAULT_PREFIX, Fleet
 from device_sim.store import load_fleet, merge_fleet
 from gateway.client import AdminClient, ApiRefused, find_token
-from gateway.errors import TokenwellError
+from gateway.errors import TokenwellError, first_leaf
 from gateway.mqtt import BrokerUrl
 from gateway.wire import public_key_from_hex, public_key_hex
 
@@ -98,7 +98,7 @@ def main(argv: Sequence[str]) -> int:
     except TokenwellError as exc:
         return _fail(exc)
     except BaseExceptionGroup as group:  # out of the TaskGroup
-        return _fail(_first_leaf(group))
+        return _fail(first_leaf(group))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0
@@ -107,14 +107,6 @@ def main(argv: Sequence[str]) -> int:
 def _fail(error: BaseException) -> int:
     print(f"tokenwell sim: {error}", file=sys.stderr)
     return EXIT_ERROR
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    if not isinstance(error, TokenwellError | OSError):
-        raise error
-    return error
 
 
 def _devices(args: argparse.Namespace) -> list[SimDevice]:

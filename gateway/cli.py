@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from gateway.client import AdminClient, ApiRefused, find_token
 from gateway.config import DEFAULT_PREFIX, load_settings
-from gateway.errors import TokenwellError
+from gateway.errors import TokenwellError, first_leaf
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -121,18 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokenwellError as exc:
         print(f"tokenwell: {exc}", file=sys.stderr)
     except BaseExceptionGroup as group:  # raised out of a TaskGroup
-        print(f"tokenwell: {_first_leaf(group)}", file=sys.stderr)
+        print(f"tokenwell: {first_leaf(group)}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return EXIT_ERROR
-
-
-def _first_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    if not isinstance(error, TokenwellError | OSError):
-        raise error
-    return error
 
 
 def _client(args: argparse.Namespace) -> AdminClient:

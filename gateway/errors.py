@@ -110,3 +110,16 @@ class BrokerError(TokenwellError):
 
 class ApiUnavailable(TokenwellError):
     """The CLI could not reach the admin web service."""
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups, as raised out of a TaskGroup.
+
+    Re-raises it unless it is one of ours or an OSError: anything else is a bug and keeps
+    its traceback.
+    """
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    if not isinstance(error, TokenwellError | OSError):
+        raise error
+    return error
