@@ -138,7 +138,7 @@ class Gateway:
                 charging = tasks.create_task(service.charge_stage(self.stopping), name="charge")
                 tasks.create_task(self._fleet_state(service), name="fleet-state")
                 tasks.create_task(server.serve(sockets=[sock]), name="admin-api")
-                self._announce_ready()
+                tasks.create_task(self._announce_ready(server), name="ready")
                 await charging  # ends once stopping is set and in-flight work is committed
                 server.should_exit = True
                 self.stopping.set()
@@ -155,9 +155,15 @@ class Gateway:
             log.warning("reconnected to the broker: re-publishing retained state")
             self.service.reconnected()
 
-    def _announce_ready(self) -> None:
-        """Log the ready line. The API socket is already listening: a request made now
-        waits in its backlog until uvicorn accepts it."""
+    async def _announce_ready(self, server: uvicorn.Server) -> None:
+        """Once the admin API serves (uvicorn has no event for it: poll its flag, 10 s at
+        most), log the ready line and set :attr:`ready`."""
+        for _ in range(1000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise ConfigError("the admin API did not start within 10 s")
         host = self.settings.api_host_port[0]
         log.info(
             "tokenwell gateway ready: broker %s, ledger %s, admin API http://%s:%d",
