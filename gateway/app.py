@@ -143,6 +143,12 @@ class Gateway:
                 server.should_exit = True
                 self.stopping.set()
         finally:
+            # A cancelled uvicorn never runs its shutdown: close its listener through
+            # asyncio, which also drops the loop's reader for the socket. Closing only the
+            # socket would leave that reader on a file descriptor number the next socket
+            # reuses (seen as refused connections in the next gateway in this process).
+            for listener in server.servers:
+                listener.close()
             service.flush_fleet_state(limit=1_000_000)
             await mqtt.disconnect()
             service.close()

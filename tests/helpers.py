@@ -118,7 +118,12 @@ async def running_gateway(
     async with httpx.AsyncClient(
         base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}
     ) as api:
-        key = public_key_from_hex((await api.get("/v1/gateway")).json()["public_key"])
+        try:
+            key = public_key_from_hex((await api.get("/v1/gateway")).json()["public_key"])
+        except httpx.ConnectError:
+            if task.done():
+                task.result()  # the gateway stopped: raise why
+            raise
         try:
             yield GatewayHandle(gateway, api, Topics(raw["topic_prefix"]), key)
         finally:
