@@ -35,6 +35,7 @@ from gateway.wire import public_key_hex
 
 log = logging.getLogger("tokenwell.gateway")
 FLEET_STATE_INTERVAL = 0.5  # seconds: operator topics follow a change within a second
+MAX_UNACKNOWLEDGED = 2000  # reports held at most; beyond, the gateway stops reading
 FLEET_STATE_SLICE = 200  # retained messages published between two turns of the loop
 
 
@@ -119,6 +120,7 @@ class Gateway:
             inbox=service.inbox,
             on_published=service.control_published,
             on_connect=self._connected,
+            max_unacknowledged=MAX_UNACKNOWLEDGED,
         )
         mqtt.subscribe(service.topics.all_usage, qos=1)
         await mqtt.connect()

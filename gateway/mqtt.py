@@ -135,6 +135,7 @@ class MqttClient:
         on_connect: Callable[[], None] | None = None,
         on_published: Callable[[int], None] | None = None,
         max_inflight: int = 1000,
+        max_unacknowledged: int | None = None,
     ) -> None:
         self._url = url
         self._loop = asyncio.get_running_loop()
@@ -145,6 +146,9 @@ class MqttClient:
         self._on_published_hook = on_published
         self._subscriptions: dict[str, int] = {}
         self._session = 0
+        self._flow = threading.Condition()
+        self._unacknowledged = 0  # received with manual_ack, not yet acknowledged
+        self._max_unacknowledged = max_unacknowledged
         self._unconfirmed: set[int] = set()
         self._all_confirmed = asyncio.Event()
         self._all_confirmed.set()
@@ -176,6 +180,8 @@ class MqttClient:
         if reason.is_failure:
             return
         _no_delay(client.socket())
+        with self._flow:
+            self._unacknowledged = 0  # the broker re-sends what this connection left
         self._session += 1  # message ids of earlier connections mean nothing now
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)
@@ -196,6 +202,18 @@ class MqttClient:
         payload, retain = bytes(message.payload), bool(message.retain)
         incoming = Incoming(topic, payload, message.mid, message.qos, retain, self._session)
         self._received.put(incoming)
+        if self._max_unacknowledged is not None:
+            self._hold_back(client)
+
+    def _hold_back(self, client: Any) -> None:
+        """Flow control of our own: with too many messages unacknowledged, stop reading
+        (this is paho's reading thread) until acknowledgements catch up, so TCP pushes back
+        on the broker. The broker's in-flight window should make this rare, but Mosquitto
+        2.0 does not always keep to it."""
+        with self._flow:
+            self._unacknowledged += 1
+            while self._unacknowledged >= (self._max_unacknowledged or 0) and client.is_connected():
+                self._flow.wait(timeout=1.0)
 
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
@@ -271,8 +289,13 @@ class MqttClient:
         Only on the connection it arrived on: after a reconnect its message id may name
         another message, and the broker redelivers the unacknowledged one anyway.
         """
-        if message.session == self._session:
-            self._client.ack(message.mid, 1)
+        if message.session != self._session:
+            return
+        self._client.ack(message.mid, 1)
+        if self._max_unacknowledged is not None:
+            with self._flow:
+                self._unacknowledged -= 1
+                self._flow.notify()
 
     async def disconnect(self, flush_timeout: float = 5.0) -> None:
         """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT.

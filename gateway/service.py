@@ -106,6 +106,7 @@ class MeteringService:
         self._verified = asyncio.Queue(maxsize=2)
         self.committed = asyncio.Condition()  # notified after every committed batch
         self.ledger_healthy = True
+        self.backlog_high_water = 0  # most reports ever held unacknowledged at once
 
     # --- start-up -------------------------------------------------------------------
 
@@ -150,7 +151,9 @@ class MeteringService:
             batch = [first]
             while len(batch) < MAX_BATCH and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
-            self.metrics.backlog.set(self.inbox.qsize() + len(batch))
+            backlog = self.inbox.qsize() + len(batch)
+            self.metrics.backlog.set(backlog)
+            self.backlog_high_water = max(self.backlog_high_water, backlog)
             devices = (self.topics.device_of_usage(m.topic) or "" for m in batch)
             self._announce_floods(self._floods.observe(devices, self._clock()))
             await self._verified.put((batch, await self._verify(batch)))
