@@ -107,6 +107,7 @@ class MeteringService:
         self.committed = asyncio.Condition()  # notified after every committed batch
         self.ledger_healthy = True
         self.backlog_high_water = 0  # most reports ever held unacknowledged at once
+        self.processed = 0  # reports committed and acknowledged, whatever their outcome
 
     # --- start-up -------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class MeteringService:
             assert self._mqtt is not None
             for message in batch:
                 self._mqtt.ack(message)
+            self.processed += len(batch)
             self._after_batch(result, len(batch))
             async with self.committed:
                 self.committed.notify_all()
