@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_gateways() -> Iterator[None]:
+    """A test that fails half-way must not leave a gateway process running (those of
+    wider-scoped fixtures, started before the test, are left to their fixtures)."""
+    from tests.helpers import STARTED, kill_leftovers
+
+    before = len(STARTED)
+    yield
+    kill_leftovers(before)
+
+
 @pytest.fixture
 def soak(request: pytest.FixtureRequest) -> bool:
     """Whether --soak was given."""

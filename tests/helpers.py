@@ -206,6 +206,18 @@ class Listener:
         return control
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # killed after each test (conftest), pass or fail
+
+
+def kill_leftovers(since: int = 0) -> None:
+    """Kill the gateway processes started after the first ``since`` that are still running."""
+    while len(STARTED) > since:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 @dataclass
 class GatewayProcess:
     """``tokenwell gateway`` as a child process, for kill -9 tests."""
@@ -234,6 +246,7 @@ class GatewayProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE)
+        STARTED.append(self.process)
         assert self.process.stderr is not None
         for line in iter(self.process.stderr.readline, b""):  # waits on the ready line itself
             if b"gateway ready" in line:
