@@ -1,5 +1,7 @@
+"""``python -m bench``: see :mod:`bench.cli`."""
+
 import sys
 
-from bench.phases import main
+from bench.cli import main
 
 sys.exit(main())

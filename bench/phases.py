@@ -1,221 +1,360 @@
-"""The benchmark's phases and its command line (see bench/run.py for the method)."""
+"""The benchmark's timed phases, each against the gateway running as its own process.
+
+Every phase has its own folder (ledger, config), its own topic prefix and its own
+persistent-session client id, so phases share the broker and nothing else.
+
+- :func:`receive_floor`: a bare paho subscriber drains the backlog (the receive floor);
+- :func:`drain`: the gateway drains the same backlog to committed charges;
+- :func:`latency`: a steady load, publication to control message and to charge;
+- :func:`memory`: resident memory and start-up with many active devices.
+"""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
-import platform
-import subprocess
-import tempfile
+import contextlib
+import sqlite3
 import time
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.run import (
-    PREFIX,
-    T0,
-    Results,
-    bare_receive,
-    device_key,
-    free_port,
-    gateway,
-    publish_backlog,
-    register_session,
-    sign_backlog,
-    verify_rates,
-    wait_processed,
+from bench import mqtt
+from bench.mqtt import BenchError, Drained
+from bench.procs import GatewayProcess, cpu_seconds, run_gateway, wait_counted
+from bench.profile import profiling
+from bench.workload import (
+    HUGE_ALLOCATION,
+    BenchDevice,
+    Signed,
+    gateway_config,
+    make_fleet,
+    round_robin,
+    sign,
+    topics_of,
     write_ledger,
 )
-from broker import RunningBroker, start_broker
-from gateway.mqtt import BrokerUrl, Incoming, MqttClient
-from gateway.wire import UsageReport, sign_usage
+from gateway.errors import Rejection
+from gateway.topics import Topics
+from gateway.wire import decode_control_body, decode_envelope
+
+SETTLE_QUIET = 0.7  # s without a publication: the gateway's start-up re-publishing is over
+
+
+@dataclass(frozen=True, slots=True)
+class Rig:
+    """Where phases run: the broker's URL, a scratch folder, the broker's process id
+    (None when it cannot be seen, e.g. in a container)."""
+
+    broker: str
+    home: Path
+    broker_pid: int | None
+
+    def folder(self, name: str) -> Path:
+        folder = self.home / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def broker_cpu(self) -> float:
+        """The broker's CPU seconds so far (0 when its process cannot be seen)."""
+        return cpu_seconds(self.broker_pid) if self.broker_pid is not None else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One phase's gateway set-up: ledger, config, topics and persistent session."""
+
+    db: Path
+    config: Path
+    topics: Topics
+    client_id: str
+
+
+def prepare(rig: Rig, name: str, groups: Sequence[tuple[Sequence[BenchDevice], int]]) -> Setup:
+    """A folder for phase ``name`` with its devices in a new ledger and a config."""
+    folder = rig.folder(name)
+    prefix, client_id = f"bench/{name}", f"bench-{name}"
+    db = folder / "ledger.sqlite3"
+    write_ledger(db, groups)
+    config = gateway_config(folder / "gateway.toml", prefix, client_id)
+    return Setup(db, config, Topics(prefix), client_id)
+
+
+def queue_backlog(rig: Rig, client_id: str, topics: Topics, reports: Sequence[Signed]) -> None:
+    """Queue ``reports`` with the broker for persistent session ``client_id``."""
+    mqtt.register_session(rig.broker, client_id, topics.all_usage)
+    mqtt.publish_all(rig.broker, topics_of(topics.prefix, reports))
+
+
+@contextmanager
+def gateway(rig: Rig, setup: Setup) -> Iterator[GatewayProcess]:
+    """The phase's gateway, ready."""
+    with run_gateway(rig.broker, setup.db, setup.config) as process:
+        yield process
+
+
+def settle(rig: Rig, topics: Topics, timeout: float = 60) -> None:
+    """Wait until the gateway's start-up publishing (retained control messages, fleet
+    state of every device) has gone quiet."""
+    with mqtt.recording(rig.broker, [f"{topics.prefix}/#"], keep=False) as recorder:
+        recorder.wait_quiet(SETTLE_QUIET, timeout)
+
+
+# --- floors and drain -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batches:
+    """The gateway's own account of its batches (its ``/metrics`` histograms): how many
+    it committed and the seconds its commits took in all."""
+
+    count: int
+    commit_seconds: float
+
+    @classmethod
+    def of(cls, process: GatewayProcess) -> Batches:
+        sums = process.histograms()
+        count = int(sums.get("tokenwell_batch_size_count", 0))
+        return cls(count, sums.get("tokenwell_commit_seconds_sum", 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The gateway's drain of a queued backlog, from the moment it may read to the last
+    commit (``startup_seconds``: its start-up, with its devices and no backlog)."""
+
+    reports: int
+    seconds: float
+    gateway_cpu: float
+    broker_cpu: float
+    startup_seconds: float
+    batches: Batches
+    loop_cpu: float  # the main thread's: the event loop
+    busiest_thread_cpu: float  # the busiest other thread's
+
+    @property
+    def rate(self) -> float:
+        return self.reports / self.seconds
+
+
+def receive_floor(rig: Rig, name: str, reports: Sequence[Signed]) -> tuple[Drained, float]:
+    """A bare subscriber drains ``reports`` queued for its persistent session; returns
+    the drain and the broker's CPU seconds meanwhile."""
+    topics, client_id = Topics(f"bench/{name}"), f"bench-{name}"
+    queue_backlog(rig, client_id, topics, reports)
+    broker_cpu = rig.broker_cpu()
+    drained = mqtt.drain_bare(rig.broker, client_id, topics.all_usage, len(reports))
+    return drained, rig.broker_cpu() - broker_cpu
 
 
 def drain(
-    broker: RunningBroker, folder: Path, results: Results, backlog: list[tuple[str, bytes]]
-) -> None:
-    """Phase 3: the gateway drains a backlog queued while it was down."""
-    asyncio.run(write_ledger(folder / "ledger.sqlite3", results.devices, 10**12))
-    asyncio.run(register_session(broker.url, "bench-gateway"))
-    asyncio.run(publish_backlog(broker.url, backlog))
-    with gateway(broker.url, folder, free_port()) as gw:
-        cpu, start = gw.cpu_seconds(), time.perf_counter()
-        end = wait_processed(gw, len(backlog))
-        cpu_used = gw.cpu_seconds() - cpu
-    results.drain_rate = len(backlog) / (end - start)
-    results.drain_cpu_us_per_report = cpu_used / len(backlog) * 1e6
-    results.drain_ratio = results.drain_rate / results.ceiling
+    rig: Rig,
+    name: str,
+    devices: Sequence[BenchDevice],
+    reports: Sequence[Signed],
+    profile: Path | None = None,
+) -> Drain:
+    """Queue ``reports`` for a running gateway frozen with SIGSTOP (connected, reading
+    nothing), let it go, and time it to the last report committed. Freezing rather than
+    starting it keeps its start-up out of the figure: it has loaded its ledger and
+    published its start-up state before. With ``profile``, py-spy samples it meanwhile."""
+    setup = prepare(rig, name, [(devices, HUGE_ALLOCATION)])
+    with gateway(rig, setup) as process:
+        settle(rig, setup.topics)
+        process.pause()
+        mqtt.publish_all(rig.broker, topics_of(setup.topics.prefix, reports))
+        cpu, broker_cpu = process.cpu_seconds(), rig.broker_cpu()
+        threads = process.thread_cpu_seconds()
+        sampling = profiling(process.pid, profile) if profile else contextlib.nullcontext()
+        with sampling:
+            process.resume()
+            start = time.perf_counter()
+            end = wait_counted(process, len(reports), timeout=60 + len(reports) / 200)
+        cpu, broker_cpu = process.cpu_seconds() - cpu, rig.broker_cpu() - broker_cpu
+        used = {tid: s - threads.get(tid, 0.0) for tid, s in process.thread_cpu_seconds().items()}
+        _check_all_charged(process, len(reports))
+        batches = Batches.of(process)
+        process.stop()
+    loop = used.pop(process.pid, 0.0)
+    busiest = max(used.values(), default=0.0)
+    seconds = end - start
+    startup = process.startup_seconds
+    return Drain(len(reports), seconds, cpu, broker_cpu, startup, batches, loop, busiest)
 
 
-def latency(broker: RunningBroker, folder: Path, results: Results, seconds: float) -> None:
-    """Phase 4: a steady load at half the drain rate, in which one report in twenty
-    exhausts a fresh device's allocation: time its publication to the signed ``block``
-    control message (verify, charge, commit, acknowledge, sign, publish)."""
-    rate = results.drain_rate / 2
-    count = max(int(rate * seconds), 100)
-    crossing = max(count // 20, 10)
-    ledger = folder / "ledger.sqlite3"
-    asyncio.run(write_ledger(ledger, results.devices, 10**12))
-    asyncio.run(write_ledger(ledger, crossing, 10, prefix="lat"))
-    steady = iter(sign_backlog(results.devices, count, first_n=10**6))
-    exhaust = [
-        (
-            f"lat-{i:06d}",
-            sign_usage(UsageReport(f"lat-{i:06d}", 1, 1, T0, {"api_calls": 5000}), device_key(i)),
-        )
-        for i in range(crossing)
-    ]
-    load = [
-        exhaust[i // 20] if i % 20 == 10 and i // 20 < crossing else next(steady)
-        for i in range(count)
-    ]
-    with gateway(broker.url, folder, free_port()):
-        delays = asyncio.run(_offer(broker.url, load, rate, {d for d, _ in exhaust}))
-    delays.sort()
-    results.latency_offered_rate = rate
-    results.latency_samples = len(delays)
-    results.latency_p50_ms = delays[len(delays) // 2] * 1000
-    results.latency_p99_ms = delays[min(len(delays) - 1, int(len(delays) * 0.99))] * 1000
-    results.latency_max_ms = delays[-1] * 1000
+def _check_all_charged(process: GatewayProcess, expected: int) -> None:
+    counted = process.counted()
+    if counted.get("charged", 0) != expected:
+        raise BenchError(f"expected {expected} charged reports, the gateway counted {counted}")
 
 
-async def _offer(
-    url: str, load: list[tuple[str, bytes]], rate: float, timed: set[str]
+# --- latency --------------------------------------------------------------------------
+
+CROSSING_ALLOCATION = 100  # tokens: 10,000 api calls at 0.01
+CROSSING_COUNTS = (8_000, 9_500, 10_000)  # balance 20% (throttle 50%), 5% (throttle 20%), 0
+CROSSING_SHARE = 20  # one report in this many crosses a threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A steady load: the messages in publication order, and which control message
+    (device, control ``n``) each threshold-crossing report must cause."""
+
+    reports: list[Signed]
+    expected_controls: dict[tuple[str, int], int]  # (device, n) -> index in reports
+
+
+def steady_load(steady: Sequence[BenchDevice], crossing: Sequence[BenchDevice], total: int) -> Load:
+    """``total`` reports: every ``CROSSING_SHARE``-th takes one of the ``crossing``
+    devices (allocation ``CROSSING_ALLOCATION``) over its next threshold (each device
+    three times: throttle 50%, throttle 20%, block, i.e. control ``n`` 2, 3, 4 after
+    the ``n`` 1 of provisioning); the rest charge ``steady`` devices round robin."""
+    now_ms = time.time_ns() // 1_000_000
+    filler = iter(round_robin(steady, total))
+    reports: list[Signed] = []
+    expected: dict[tuple[str, int], int] = {}
+    crossings = iter(range(len(crossing) * len(CROSSING_COUNTS)))
+    for index in range(total):
+        turn = next(crossings, None) if index % CROSSING_SHARE == CROSSING_SHARE // 2 else None
+        if turn is None:
+            reports.append(next(filler))
+            continue
+        device, stage = crossing[turn % len(crossing)], turn // len(crossing)
+        reports.append(sign(device, stage + 1, CROSSING_COUNTS[stage], now_ms))
+        expected[(device.id, stage + 2)] = index
+    return Load(reports, expected)
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """A steady load's delays in seconds: publication to control message (crossing
+    reports), publication to the charge's time stamp in the ledger (every report)."""
+
+    offered_rate: float
+    achieved_rate: float
+    to_control: list[float]
+    to_charge: list[float]
+    gateway_cpu: float
+    seconds: float
+    batches: Batches
+
+
+def latency(
+    rig: Rig, name: str, steady: Sequence[BenchDevice], rate: float, seconds: float
+) -> Latency:
+    """Offer ``rate`` reports a second for ``seconds`` and time each report's effects."""
+    total = max(int(rate * seconds), 3 * CROSSING_SHARE)
+    crossing = make_fleet(f"{name}x", max(1, total // CROSSING_SHARE // len(CROSSING_COUNTS)))
+    load = steady_load(steady, crossing, total)
+    setup = prepare(rig, name, [(steady, HUGE_ALLOCATION), (crossing, CROSSING_ALLOCATION)])
+    messages = topics_of(setup.topics.prefix, load.reports)
+    control_topics = [f"{setup.topics.prefix}/devices/+/control"]
+    with gateway(rig, setup) as process:
+        settle(rig, setup.topics)
+        with mqtt.recording(rig.broker, control_topics) as recorder:
+            cpu, start = process.cpu_seconds(), time.perf_counter()
+            stamps = mqtt.publish_paced(rig.broker, messages, rate, timeout=60 + seconds)
+            achieved = total / (time.perf_counter() - start)
+            wait_counted(process, total, timeout=60)
+            cpu = process.cpu_seconds() - cpu
+            wall = time.perf_counter() - start
+            controls = _control_delays(recorder, load, stamps)
+        batches = Batches.of(process)
+        process.stop()
+    charges = _charge_delays(setup.db, load.reports, stamps)
+    return Latency(rate, achieved, controls, charges, cpu, wall, batches)
+
+
+def latency_floor(
+    rig: Rig, name: str, steady: Sequence[BenchDevice], rate: float, seconds: float
 ) -> list[float]:
-    """Publish ``load`` at ``rate``; the delays to the control messages of ``timed`` devices."""
-    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    client = MqttClient(BrokerUrl.parse(url), f"bench-lat-{os.getpid()}", inbox=inbox)
-    client.subscribe(f"{PREFIX}/devices/+/control")
-    await client.connect()
-    sent: dict[str, float] = {}
-    delays: list[float] = []
-
-    async def collect() -> None:
-        while len(delays) < len(timed):
-            message = await inbox.get()
-            device = message.topic.split("/")[-2]
-            if device in sent:
-                delays.append(time.perf_counter() - sent.pop(device))
-
-    collector = asyncio.create_task(collect())
-    start = time.perf_counter()
-    for index, (device, payload) in enumerate(load):
-        due = start + index / rate
-        if (pause := due - time.perf_counter()) > 0.001:
-            await asyncio.sleep(pause)
-        if device in timed:
-            sent[device] = time.perf_counter()
-        client.publish(f"{PREFIX}/devices/{device}/usage", payload)
-    await asyncio.wait_for(collector, 120)
-    await client.disconnect()
-    return delays
+    """The same paced load, straight from publisher to a subscriber through the broker
+    (no gateway): the delays the benchmark and the broker add by themselves."""
+    topics = Topics(f"bench/{name}")
+    reports = round_robin(steady, max(int(rate * seconds), 1))
+    messages = topics_of(topics.prefix, reports)
+    with mqtt.recording(rig.broker, [topics.all_usage]) as recorder:
+        stamps = mqtt.publish_paced(rig.broker, messages, rate, timeout=60 + seconds)
+        recorder.wait_for(lambda got: len(got) >= len(messages), 30, "the paced load")
+    published = {payload: stamp for (_, payload), stamp in zip(messages, stamps, strict=True)}
+    return [arrival.at - published[arrival.payload] for arrival in recorder.arrivals]
 
 
-def memory(broker: RunningBroker, folder: Path, results: Results, devices: int) -> None:
-    """Phase 5: start-up and resident memory with ``devices`` active devices."""
-    empty = folder / "empty"
-    empty.mkdir()
-    with gateway(broker.url, empty, free_port()) as gw:
-        results.rss_baseline_mib = gw.rss_mib()
-    full = folder / "full"
-    full.mkdir()
-    asyncio.run(write_ledger(full / "ledger.sqlite3", devices, 10**9, prefix="mem"))
-    backlog = sign_backlog(devices, devices, prefix="mem")
-    with gateway(broker.url, full, free_port()) as gw:  # first start: makes its session
-        pass
-    asyncio.run(publish_backlog(broker.url, backlog))
-    with gateway(broker.url, full, free_port()) as gw:
-        results.startup_s = gw.startup_s
-        wait_processed(gw, devices)
-        results.rss_total_mib = gw.rss_mib()
-    results.memory_devices = devices
-    results.rss_bytes_per_device = (
-        (results.rss_total_mib - results.rss_baseline_mib) * 2**20 / devices
-    )
+def _control_delays(recorder: mqtt.Recorder, load: Load, stamps: list[float]) -> list[float]:
+    """Wait for every expected control message; the delay from its report's publication."""
+    delays: dict[tuple[str, int], float] = {}
+    scanned = [0]
+
+    def complete(arrivals: list[mqtt.Arrival]) -> bool:
+        for arrival in arrivals[scanned[0] :]:
+            key = _control_key(arrival.payload)
+            if key in load.expected_controls and key not in delays:
+                delays[key] = arrival.at - stamps[load.expected_controls[key]]
+        scanned[0] = len(arrivals)
+        return len(delays) == len(load.expected_controls)
+
+    recorder.wait_for(complete, 30, f"{len(load.expected_controls)} control messages")
+    return list(delays.values())
 
 
-def machine() -> dict[str, str | int | None]:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    model = next(names, platform.processor())
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "commit": commit.stdout.strip() or None, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+def _control_key(payload: bytes) -> tuple[str, int] | None:
+    envelope = decode_envelope(payload)
+    if isinstance(envelope, Rejection):
+        return None
+    control = decode_control_body(envelope.body)
+    return None if isinstance(control, Rejection) else (control.device, control.seq)
 
 
-def run(args: argparse.Namespace) -> Results:
-    results = Results(machine=machine(), devices=args.devices, reports=args.reports)
-    backlog = sign_backlog(args.devices, args.reports)
-    results.verify_one_core, results.verify_all_cores = verify_rates(backlog, args.devices)
-    with tempfile.TemporaryDirectory(prefix="tokenwell-bench-") as temp:
-        home = Path(temp)
-        with start_broker(home / "broker") as broker:
-            asyncio.run(register_session(broker.url, "bench-bare"))
-            asyncio.run(publish_backlog(broker.url, backlog))
-            results.receive_floor = bare_receive(broker.url, "bench-bare", len(backlog))
-            results.ceiling = 1 / (1 / results.receive_floor + 1 / results.verify_all_cores)
-            for phase in ("drain", "latency", "memory"):
-                (home / phase).mkdir()
-            drain(broker, home / "drain", results, backlog)
-            latency(broker, home / "latency", results, args.latency_seconds)
-            if not args.skip_memory:
-                memory(broker, home / "memory", results, args.memory_devices)
-    return results
+def _charge_delays(db: Path, reports: Sequence[Signed], stamps: Sequence[float]) -> list[float]:
+    """Publication to the gateway's time stamp on the debit (taken as it charged the batch,
+    just before committing it; whole milliseconds), for every report of the load."""
+    published = {(r.device, r.count): stamps[i] for i, r in enumerate(reports)}
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as ledger:
+        rows = ledger.execute("SELECT device, to_units, received_ms FROM debits").fetchall()
+    return [ms / 1000 - published[(d, units)] for d, units, ms in rows if (d, units) in published]
 
 
-TABLE = [
-    ("verify, one core", "verify_one_core", "{:,.0f} /s"),
-    ("verify, all cores", "verify_all_cores", "{:,.0f} /s"),
-    ("receive floor (bare paho)", "receive_floor", "{:,.0f} /s"),
-    ("ceiling 1/(1/recv+1/verify)", "ceiling", "{:,.0f} /s"),
-    ("gateway drain", "drain_rate", "{:,.0f} /s"),
-    ("drain / ceiling", "drain_ratio", "{:.2f}"),
-    ("CPU per report", "drain_cpu_us_per_report", "{:.0f} us"),
-    ("latency offered load", "latency_offered_rate", "{:,.0f} /s"),
-    ("report -> control p50", "latency_p50_ms", "{:.1f} ms"),
-    ("report -> control p99", "latency_p99_ms", "{:.1f} ms"),
-    ("report -> control max", "latency_max_ms", "{:.1f} ms"),
-    ("start-up, memory devices", "startup_s", "{:.2f} s"),
-    ("RSS per device", "rss_bytes_per_device", "{:.0f} B"),
-    ("RSS total / baseline", "rss_total_mib", "{:.0f} MiB"),
-]
+# --- memory and start-up ------------------------------------------------------------
 
 
-def table(results: Results) -> str:
-    values = asdict(results)
-    lines = [f"Tokenwell benchmark: {results.devices} devices, {results.reports} reports, "
-             f"{results.memory_devices} memory devices; {results.machine}"]  # fmt: skip
-    lines += [f"  {label:<30} {fmt.format(values[key])}" for label, key, fmt in TABLE]
-    return "\n".join(lines)
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """Resident memory (MiB) and start-up (s) of an empty gateway and of one with
+    ``devices`` devices that have each reported once."""
+
+    devices: int
+    baseline_mib: float
+    baseline_startup: float
+    rss_mib: float
+    peak_mib: float
+    startup: float
+    startup_with_backlog: float
+    restart_rss_mib: float
+
+    @property
+    def bytes_per_device(self) -> float:
+        return (self.rss_mib - self.baseline_mib) * 2**20 / self.devices
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--reports", type=int, default=30000)
-    parser.add_argument("--memory-devices", type=int, default=100_000)
-    parser.add_argument("--latency-seconds", type=float, default=10.0)
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes, to check the benchmark runs"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="JSON results file (default bench/results/DATE-COMMIT.json)"
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.devices, args.reports, args.memory_devices, args.latency_seconds = 20, 400, 500, 1.0
-    results = run(args)
-    print(table(results))
-    out = (
-        args.out
-        or Path("bench/results") / f"{results.machine['date']}-{results.machine['commit']}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asdict(results), indent=2) + "\n")
-    print(f"results written to {out}")
-    return 0
+def memory(rig: Rig, name: str, count: int) -> Memory:
+    """Measure an empty gateway, then one with ``count`` active devices: RSS once its
+    backlog (one report each) is committed and its publishing has settled, then the
+    start-up of a restart."""
+    empty = prepare(rig, f"{name}-empty", [])
+    with gateway(rig, empty) as process:
+        settle(rig, empty.topics)
+        baseline, baseline_startup = process.memory_mib(), process.startup_seconds
+        process.stop()
+    devices = make_fleet(name, count)
+    full = prepare(rig, name, [(devices, HUGE_ALLOCATION)])
+    queue_backlog(rig, full.client_id, full.topics, round_robin(devices, count))
+    with gateway(rig, full) as process:
+        wait_counted(process, count, timeout=120 + count / 200)
+        settle(rig, full.topics, timeout=300)
+        rss, peak = process.memory_mib(), process.memory_mib("VmHWM")
+        with_backlog = process.startup_seconds
+        process.stop()
+    with gateway(rig, full) as process:
+        startup, restart_rss = process.startup_seconds, process.memory_mib()
+        process.stop()
+    return Memory(count, baseline, baseline_startup, rss, peak, startup, with_backlog, restart_rss)

@@ -1,0 +1,172 @@
+"""The command line: ``python -m bench [options]``; runs every phase, writes JSON, prints
+a table. Exit status 0 when the benchmark ran (whether or not targets were met), 1 when
+a phase failed, 130 on Ctrl-C; brokers and gateways are stopped either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import phases, report, verify
+from bench.load import Watch
+from bench.mqtt import BenchError
+from bench.phases import Rig
+from bench.procs import find_process
+from bench.profile import gil_profile, summarise
+from bench.workload import make_fleet, round_robin
+from broker import BrokerStartError, start_broker
+
+RESULTS = Path(__file__).with_name("results")
+QUICK = {"devices": 20, "reports": 400, "latency_seconds": 1.0, "memory_devices": 500, "rounds": 1}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Tokenwell's benchmark: drain rate against its floors, latency, memory "
+        "and start-up (docs/performance.md).",
+    )
+    add = parser.add_argument
+    add("--devices", type=int, default=1000, help="devices sending the backlog (default 1000)")
+    add("--reports", type=int, default=20_000, help="reports in the backlog (default 20000)")
+    add("--memory-devices", type=int, default=100_000, help="devices for memory and start-up")
+    add("--latency-seconds", type=float, default=10.0, help="length of the steady load")
+    add("--rounds", type=int, default=3, help="rounds of floors and drain (best kept)")
+    add("--skip-memory", action="store_true", help="leave out the memory and start-up phase")
+    add("--profile", type=Path, help="also drain under py-spy, raw profile to this file")
+    add("--quick", action="store_true", help="tiny sizes, only to check the benchmark runs")
+    add("--out", type=Path, help="JSON results (default bench/results/DATE-COMMIT.json)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    if min(args.devices, args.reports, args.memory_devices, args.rounds) < 1:
+        build_parser().error("sizes and rounds must be at least 1")
+    return args
+
+
+class Session:
+    """One run, phase after phase: the workload, the results so far, details, and how many
+    cores other work kept busy during each phase (:mod:`bench.load`)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.devices = make_fleet("dev", args.devices)
+        self.backlog = round_robin(self.devices, args.reports)
+        self.results: dict[str, report.Number] = {}
+        self.details: dict[str, Any] = {}
+        self.background: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str, what: str) -> Iterator[None]:
+        """Announce a phase on stderr and watch the machine's other load meanwhile."""
+        print(f"{what} ...", file=sys.stderr, flush=True)
+        watch = Watch()
+        yield
+        self.background[name] = round(watch.foreign_cores(), 3)
+
+    def floors(self, rig: Rig, verified: verify.VerifyFloor) -> None:
+        """The receive floor (best of the rounds); with the verify floor, the ceiling."""
+        rounds = self.args.rounds
+        with self.phase("receive", f"receive floor, best of {rounds}"):
+            drains = [phases.receive_floor(rig, f"floor{i}", self.backlog) for i in range(rounds)]
+            receive, broker_cpu = max(drains, key=lambda pair: pair[0].rate)
+        self.results |= report.floor_results(verified, receive, broker_cpu)
+        self.details["verify_parallelism"] = verified.parallelism
+        self.details["verify_workers"] = verified.workers
+
+    def drain(self, rig: Rig) -> float:
+        """The gateway's drain (best of the rounds), then, if asked, one under py-spy;
+        returns the best rate."""
+        rounds, devices, backlog = self.args.rounds, self.devices, self.backlog
+        with self.phase("drain", f"gateway drain, best of {rounds}"):
+            drains = [phases.drain(rig, f"drain{i}", devices, backlog) for i in range(rounds)]
+        best = max(drains, key=lambda each: each.rate)
+        self.details["drain_rates"] = [round(each.rate) for each in drains]
+        self.results |= report.drain_results(best, float(self.results["ceiling_per_s"] or 1))
+        if self.args.profile:
+            self.profile(rig, self.args.profile)
+        return best.rate
+
+    def profile(self, rig: Rig, out: Path) -> None:
+        """One more drain, sampled by py-spy into ``out``; prints the summaries."""
+        with self.phase("profile", f"gateway drain under py-spy, into {out}"):
+            sampled = phases.drain(rig, "profiled", self.devices, self.backlog, profile=out)
+        self.results["profiled_drain_per_s"] = sampled.rate
+        for path in (out, gil_profile(out)):
+            print(f"--- {path}\n{summarise(path)}", file=sys.stderr)
+
+    def latency(self, rig: Rig, rate: float) -> None:
+        """Latency at ``rate`` through the gateway, and through the broker alone."""
+        seconds = self.args.latency_seconds
+        with self.phase("latency", f"latency at {rate:,.0f} reports/s for {seconds:g} s"):
+            timed = phases.latency(rig, "latency", self.devices, rate, seconds)
+            direct = phases.latency_floor(rig, "latency-floor", self.devices, rate, seconds)
+        self.results |= report.latency_results(timed, direct)
+
+    def memory(self, rig: Rig) -> None:
+        """Memory and start-up, unless skipped (then its figures are null)."""
+        measured = None
+        if not self.args.skip_memory:
+            count = self.args.memory_devices
+            with self.phase("memory", f"memory and start-up, {count:,} devices"):
+                measured = phases.memory(rig, "memory", count)
+        self.results |= report.memory_results(measured)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every phase, in order; the results document."""
+    host = report.machine()
+    session = Session(args)
+    with session.phase("verify", f"verification floor, {len(session.backlog):,} reports"):
+        verified = verify.measure(session.backlog, session.devices, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="tokenwell-bench-") as temp:
+        home = Path(temp)
+        with start_broker(home / "broker") as broker:
+            rig = Rig(broker.url, home, find_process(str(broker.data_dir / "mosquitto.conf")))
+            session.floors(rig, verified)
+            session.latency(rig, session.drain(rig) / 2)
+            session.memory(rig)
+    return {
+        "benchmark": "tokenwell",
+        "format": 1,
+        "machine": host,
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "profile")},
+        "details": session.details,
+        "background_cores": session.background,
+        "results": session.results,
+    }
+
+
+def write(document: dict[str, Any], out: Path | None) -> Path:
+    """Write the JSON document; returns where."""
+    host = document["machine"]
+    out = out or RESULTS / f"{host['date'][:10]}-{host['commit'] or 'unknown'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        document = run(args)
+    except (BenchError, BrokerStartError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(report.table(document))
+    print(f"\nresults written to {write(document, args.out)}")
+    return 0

@@ -1,0 +1,43 @@
+"""The shipped benchmark (``python -m bench``) runs end to end at tiny sizes and writes
+every figure. Speed is never asserted in tests: only that each figure was measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MEASURED = [
+    "verify_one_core_per_s", "verify_all_cores_per_s", "verify_threads_per_s",
+    "verify_processes_per_s", "gateway_verify_one_core_per_s", "receive_floor_per_s",
+    "ceiling_per_s", "drain_per_s", "drain_ratio", "drain_cpu_us_per_report",
+    "drain_gateway_cores", "drain_startup_s", "drain_batches", "latency_offered_per_s",
+    "latency_achieved_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
+    "latency_max_ms", "charge_latency_samples", "latency_floor_samples", "latency_floor_p99_ms",
+]  # fmt: skip
+MEMORY = ["memory_devices", "rss_baseline_mib", "rss_mib", "rss_bytes_per_device", "startup_s"]
+
+
+def test_the_quick_benchmark_runs_and_writes_every_figure(tmp_path: Path) -> None:
+    """``--quick --skip-memory`` exits 0, prints the table and writes a JSON document in
+    which every measured figure is a positive number and the skipped ones are null."""
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--skip-memory", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gateway drain" in result.stdout
+    document = json.loads(out.read_text())
+    results = document["results"]
+    for key in MEASURED:
+        value = results[key]
+        assert isinstance(value, int | float), key
+        assert value > 0, key
+    for key in MEMORY:
+        assert results[key] is None, key
+    assert document["machine"]["cores"] >= 1
+    assert set(document["background_cores"]) == {"verify", "receive", "drain", "latency"}
