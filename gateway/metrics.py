@@ -37,6 +37,11 @@ class Metrics:
         self.commit_failures = Counter(
             "tokenwell_commit_failures", "Ledger commits that failed and were retried", registry=r
         )
+        self.events_suppressed = Counter(
+            "tokenwell_events_suppressed",
+            "Rejected events not published (over the per-second limit)",
+            registry=r,
+        )
         self.floods = Counter(
             "tokenwell_floods", "Times a device passed the per-device report rate", registry=r
         )

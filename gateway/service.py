@@ -52,6 +52,7 @@ log = logging.getLogger("tokenwell.gateway")
 
 Clock = Callable[[], int]  # milliseconds since the Unix epoch
 MAX_BATCH = 1000
+MAX_REJECTED_EVENTS = 200  # rejected events published a second; the rest only counted
 MAX_UNCONFIRMED = 2000  # retained publishes in flight before the fleet-state flush waits
 INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
 MAX_ALLOCATION = 2**62  # balances and sums stay far inside SQLite's 64-bit integers
@@ -98,6 +99,7 @@ class MeteringService:
         self._pending_controls: dict[int, tuple[str, int]] = {}
         self._announced_unpriced: set[tuple[str, str]] = set()
         self._floods = FloodMonitor(flood_limit)
+        self._rejected_events = (0, 0)  # (second, rejected events published in it)
         self._pool = ThreadPoolExecutor(
             max_workers=os.cpu_count() or 2, thread_name_prefix="verify"
         )
@@ -266,9 +268,22 @@ class MeteringService:
             self.registry.devices[device.id] = replace(device, control_sent=sent[1])
 
     def publish_event(self, event: Event) -> None:
+        """Publish an operator event. ``rejected`` events are limited to
+        ``MAX_REJECTED_EVENTS`` a second: a stream of junk must not turn into an equal
+        stream of events (they stay counted in ``/metrics``, by reason)."""
         self.metrics.events.labels(event.type).inc()
+        if event.type == "rejected" and not self._rejected_budget(event.at_ms):
+            self.metrics.events_suppressed.inc()
+            return
         if self._mqtt is not None:
             self._mqtt.publish(self.topics.event(event.type), event.to_json())
+
+    def _rejected_budget(self, now_ms: int) -> bool:
+        second, used = self._rejected_events
+        if now_ms // 1000 != second:
+            second, used = now_ms // 1000, 0
+        self._rejected_events = (second, used + 1)
+        return used < MAX_REJECTED_EVENTS
 
     def flush_fleet_state(self, limit: int = 5000) -> int:
         """Publish up to ``limit`` retained messages due (controls to re-publish, then the
