@@ -16,14 +16,6 @@ from gateway.wire import public_key_hex
 GATEWAY_HEX = public_key_hex(Ed25519PrivateKey.from_private_bytes(bytes(32)))
 
 
-@pytest.fixture
-def sim_broker(request: pytest.FixtureRequest) -> Any:
-    try:
-        return request.getfixturevalue("broker")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the broker fixture of tests/conftest.py")
-
-
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -38,10 +30,10 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_runs_for_its_duration_and_a_restart_continues_the_counts(
-    sim_broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = tmp_path / "fleet.json"
-    args = ["--devices", "2", "--broker", sim_broker.url, "--prefix", "test/cli", "--state",
+    args = ["--devices", "2", "--broker", broker.url, "--prefix", "test/cli", "--state",
             str(state), "--interval", "0.05", "--duration", "0.2", "--gateway-key", GATEWAY_HEX,
             "--duplicate", "0.5", "--malformed", "0.5"]  # fmt: skip
     assert main(args) == 0

@@ -25,18 +25,11 @@ from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.pricing import charged, parse_price
 from gateway.topics import Topics
 from gateway.wire import ControlMessage, ControlState, UsageReport, decode_usage, sign_control
+from tests.helpers import PRICES, running_gateway
 
 GATEWAY = Ed25519PrivateKey.from_private_bytes(bytes(32))
 T0 = 1_700_000_000_000
 Latest = dict[str, UsageReport]
-
-
-@pytest.fixture
-def sim_broker(request: pytest.FixtureRequest) -> Any:
-    try:
-        return request.getfixturevalue("broker")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the broker fixture of tests/conftest.py")
 
 
 @pytest.fixture
@@ -103,14 +96,12 @@ def as_expected(latest: Latest) -> dict[str, dict[int, dict[str, int]]]:
 
 
 async def test_reports_arrive_signed_and_carry_the_expected_counters(
-    sim_broker: Any, topics: Topics
+    broker: Any, topics: Topics
 ) -> None:
     """One report per device on connecting, one per tick; the last ones are the totals."""
     devices = make_devices(3, seed=21)
-    fleet = Fleet.create(
-        devices, BrokerUrl.parse(sim_broker.url), GATEWAY.public_key(), topics.prefix
-    )
-    async with mqtt(sim_broker.url, topics.all_usage) as (_, inbox), running(fleet):
+    fleet = Fleet.create(devices, BrokerUrl.parse(broker.url), GATEWAY.public_key(), topics.prefix)
+    async with mqtt(broker.url, topics.all_usage) as (_, inbox), running(fleet):
         for second in (1, 2, 3):
             fleet.tick(1.0, T0 + second * 1000)
         await fleet.flush()
@@ -121,13 +112,13 @@ async def test_reports_arrive_signed_and_carry_the_expected_counters(
 
 
 async def test_faults_add_junk_but_every_genuine_report_still_arrives(
-    sim_broker: Any, topics: Topics
+    broker: Any, topics: Topics
 ) -> None:
     devices = make_devices(4, seed=22)
     plan = FaultPlan(seed=5, **{kind.value: 0.4 for kind in FaultKind})
-    url = BrokerUrl.parse(sim_broker.url)
+    url = BrokerUrl.parse(broker.url)
     fleet = Fleet.create(devices, url, GATEWAY.public_key(), topics.prefix, plan)
-    async with mqtt(sim_broker.url, topics.all_usage) as (_, inbox), running(fleet):
+    async with mqtt(broker.url, topics.all_usage) as (_, inbox), running(fleet):
         for second in range(1, 11):
             fleet.tick(0.5, T0 + second * 500)
         await fleet.flush()
@@ -147,14 +138,12 @@ def control(
     return sign_control(message, key)
 
 
-async def test_only_genuine_new_control_messages_are_obeyed(
-    sim_broker: Any, topics: Topics
-) -> None:
+async def test_only_genuine_new_control_messages_are_obeyed(broker: Any, topics: Topics) -> None:
     devices = make_devices(2, seed=23)
     first, last = (d.device_id for d in devices)
     key: Ed25519PublicKey = GATEWAY.public_key()
-    fleet = Fleet.create(devices, BrokerUrl.parse(sim_broker.url), key, topics.prefix)
-    async with mqtt(sim_broker.url) as (gateway, _), running(fleet):
+    fleet = Fleet.create(devices, BrokerUrl.parse(broker.url), key, topics.prefix)
+    async with mqtt(broker.url) as (gateway, _), running(fleet):
         # the last device subscribed last: once it obeys, every subscription is in place
         gateway.publish(topics.control(last), control(last, 1, "ok", 1000), retain=True)
         await fleet.wait_for_control(last, lambda m: m.seq == 1)
@@ -179,19 +168,17 @@ async def test_only_genuine_new_control_messages_are_obeyed(
 
 
 async def test_a_reconnect_brings_a_fresh_report_from_every_device(
-    sim_broker: Any, topics: Topics
+    broker: Any, topics: Topics
 ) -> None:
     """Contract §4: devices publish a fresh report each time they (re)connect."""
     devices = make_devices(3, seed=24)
-    fleet = Fleet.create(
-        devices, BrokerUrl.parse(sim_broker.url), GATEWAY.public_key(), topics.prefix
-    )
-    subscriber = mqtt(sim_broker.url, topics.all_usage, persistent=True)
+    fleet = Fleet.create(devices, BrokerUrl.parse(broker.url), GATEWAY.public_key(), topics.prefix)
+    subscriber = mqtt(broker.url, topics.all_usage, persistent=True)
     async with subscriber as (_, inbox), running(fleet):
         fleet.tick(2.0, T0)
         await fleet.flush()
         await collect(inbox, devices, numbered(devices, 2))
-        await asyncio.to_thread(sim_broker.restart)
+        await asyncio.to_thread(broker.restart)
         latest = await collect(inbox, devices, numbered(devices, 3), timeout=30.0)
     assert as_expected(latest) == fleet.expected_counters()
 
@@ -200,20 +187,17 @@ async def test_a_reconnect_brings_a_fresh_report_from_every_device(
 
 
 async def test_the_gateway_charges_exactly_what_the_fleet_reported(
-    sim_broker: Any, tmp_path: Path
+    broker: Any, tmp_path: Path
 ) -> None:
     """Through duplicates, replays, reorders, forgeries, impersonations, junk and a factory
     reset, each device is charged exactly charged(last counters) per boot epoch and meter."""
-    helpers = pytest.importorskip("tests.helpers")
-    prices = {meter: parse_price(text) for meter, text in helpers.PRICES.items()}
+    prices = {meter: parse_price(text) for meter, text in PRICES.items()}
     devices = make_devices(4, seed=25)
     plan = FaultPlan(seed=6, **{kind.value: 0.3 for kind in FaultKind})
-    async with helpers.running_gateway(sim_broker.url, tmp_path) as gw:
+    async with running_gateway(broker.url, tmp_path) as gw:
         for device in devices:
             await gw.add_device(device.device_id, device.key, 1_000_000)
-        fleet = Fleet.create(
-            devices, BrokerUrl.parse(sim_broker.url), gw.key, gw.topics.prefix, plan
-        )
+        fleet = Fleet.create(devices, BrokerUrl.parse(broker.url), gw.key, gw.topics.prefix, plan)
         async with running(fleet):
             for second in range(13):
                 if second == 10:
@@ -233,13 +217,12 @@ async def test_the_gateway_charges_exactly_what_the_fleet_reported(
     assert all(fleet.summary().injected.values())
 
 
-async def test_a_device_obeys_the_gateways_block(sim_broker: Any, tmp_path: Path) -> None:
+async def test_a_device_obeys_the_gateways_block(broker: Any, tmp_path: Path) -> None:
     """Out of tokens, the gateway blocks the device and it stops consuming altogether."""
-    helpers = pytest.importorskip("tests.helpers")
     (device,) = make_devices(1, seed=26)
-    async with helpers.running_gateway(sim_broker.url, tmp_path) as gw:
+    async with running_gateway(broker.url, tmp_path) as gw:
         await gw.add_device(device.device_id, device.key, 20)
-        fleet = Fleet.create([device], BrokerUrl.parse(sim_broker.url), gw.key, gw.topics.prefix)
+        fleet = Fleet.create([device], BrokerUrl.parse(broker.url), gw.key, gw.topics.prefix)
         async with running(fleet):
             await fleet.wait_for_control(device.device_id, lambda m: m.state == "ok")
             fleet.tick(600.0, wall_clock_ms())  # far more than 20 tokens' worth
@@ -250,11 +233,11 @@ async def test_a_device_obeys_the_gateways_block(sim_broker: Any, tmp_path: Path
     assert fleet.summary().blocked == 1
 
 
-async def test_only_devices_past_a_step_report_early(sim_broker: Any, topics: Topics) -> None:
+async def test_only_devices_past_a_step_report_early(broker: Any, topics: Topics) -> None:
     keys = [Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (1, 2)]
     fast = SimDevice("fast", keys[0], {"api_calls": 50}, step=100)
     slow = SimDevice("slow", keys[1], {"api_calls": 1}, step=100)
-    url = BrokerUrl.parse(sim_broker.url)
+    url = BrokerUrl.parse(broker.url)
     async with running(Fleet.create([fast, slow], url, None, topics.prefix)) as fleet:
         fleet.advance(3)
         assert fleet.publish_reports(T0, only_stepped=True) == 1
