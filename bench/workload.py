@@ -20,7 +20,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.config import DEFAULT_LADDER
-from gateway.ledger import Grant, LedgerWrite
+from gateway.economics import Outcome, Pool, credit
+from gateway.ledger import LedgerWrite
 from gateway.metering import Device, next_control
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.topics import Topics
@@ -95,20 +96,24 @@ def topics_of(prefix: str, reports: Iterable[Signed]) -> list[tuple[str, bytes]]
     return [(topics.usage(report.device), report.payload) for report in reports]
 
 
-def provisioned(device: BenchDevice, tokens: int, now_ms: int) -> Device:
-    """The ledger record the admin API would have written for ``device``."""
+def provisioned(device: BenchDevice, tokens: int, now_ms: int) -> tuple[Device, Outcome]:
+    """The ledger records the admin API would have written for ``device``: the device
+    and its dedicated pool's initial grant."""
+    outcome = credit(Pool(device.id, ACCOUNT), tokens, now_ms, kind="initial")
     fresh = Device(
         id=device.id,
         public_key=device.public_key,
         account=ACCOUNT,
-        allocation=tokens,
+        pool=device.id,
         used=0,
         created_ms=now_ms,
         updated_ms=now_ms,
     )
-    control = next_control(fresh, DEFAULT_LADDER, now_ms, why="provisioned", force=True)
+    control = next_control(
+        fresh, outcome.pool, DEFAULT_LADDER, now_ms, why="provisioned", force=True
+    )
     assert control is not None  # forced
-    return replace(fresh, control=control, control_sent=control.seq)
+    return replace(fresh, control=control, control_sent=control.seq), outcome
 
 
 def write_ledger(path: Path, groups: Sequence[tuple[Sequence[BenchDevice], int]]) -> None:
@@ -118,8 +123,10 @@ def write_ledger(path: Path, groups: Sequence[tuple[Sequence[BenchDevice], int]]
     write = LedgerWrite()
     for devices, tokens in groups:
         for device in devices:
-            write.devices.append(provisioned(device, tokens, now_ms))
-            write.grants.append(Grant(device.id, ACCOUNT, tokens, "initial", now_ms))
+            record, outcome = provisioned(device, tokens, now_ms)
+            write.devices.append(record)
+            write.pools.append(outcome.pool)
+            write.movements.extend(outcome.movements)
     asyncio.run(_commit(path, write))
 
 

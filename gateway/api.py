@@ -21,7 +21,7 @@ import gateway
 from gateway.errors import AdminError, BadRequest, LedgerError
 from gateway.ledger import UsageQuery
 from gateway.service import MAX_TOKENS, MeteringService
-from gateway.views import device_state, parse_time, rfc3339
+from gateway.views import parse_time, rfc3339
 
 VERSION = "0.1.0"
 TIME = (
@@ -139,18 +139,18 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
         """Provision a device with an initial allocation of tokens."""
         key = _public_key(body.public_key)
         device = await service.provision(body.id, key, body.tokens, body.account)
-        return device_state(device)
+        return service.state(device.id)
 
     @app.get("/v1/devices", dependencies=auth, response_model=list[DeviceView])
     async def list_devices() -> list[dict[str, Any]]:
         """Every device, as on the fleet state topics."""
-        return [device_state(d) for d in service.devices()]
+        return [service.state(d.id) for d in service.devices()]
 
     @app.get("/v1/devices/{device_id}", dependencies=auth, response_model=DeviceView,
              responses={404: {"model": ErrorReply}})  # fmt: skip
     async def show_device(device_id: DeviceId) -> dict[str, Any]:
         """One device, as on its fleet state topic."""
-        return device_state(service.device(device_id))
+        return service.state(device_id)
 
     @app.post("/v1/devices/{device_id}/refill", dependencies=auth, response_model=RefillResult,
               responses={404: {"model": ErrorReply}, 409: {"model": ErrorReply}})  # fmt: skip
@@ -161,13 +161,13 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
     ) -> dict[str, Any]:
         """Add tokens. A retry with the same ``Idempotency-Key`` credits once."""
         device, replayed = await service.refill(device_id, body.tokens, idempotency_key)
-        return {**device_state(device), "replayed": replayed}
+        return {**service.state(device.id), "replayed": replayed}
 
     @app.delete("/v1/devices/{device_id}", dependencies=auth, response_model=DeviceView,
                 responses={404: {"model": ErrorReply}})  # fmt: skip
     async def revoke(device_id: DeviceId) -> dict[str, Any]:
         """Revoke: further reports are rejected and the device is sent ``block``."""
-        return device_state(await service.revoke(device_id))
+        return service.state((await service.revoke(device_id)).id)
 
     @app.get("/v1/usage", dependencies=auth, response_model=UsageReply)
     async def usage(

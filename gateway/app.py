@@ -180,9 +180,11 @@ class Gateway:
         self.ready.set()
 
     async def _fleet_state(self, service: MeteringService) -> None:
-        """Publish what is due every interval, in small slices so that reports waiting
-        behind it (and their control messages) are not held up for long."""
+        """Apply the passing of time (expiries, period resets), then publish what is due,
+        every interval, in small slices so that reports waiting behind it (and their
+        control messages) are not held up for long."""
         while not self.stopping.is_set():
+            await service.pass_time()  # grant expiries and period resets due by now
             published = FLEET_STATE_SLICE
             while published == FLEET_STATE_SLICE:
                 published = service.flush_fleet_state(limit=FLEET_STATE_SLICE)

@@ -13,16 +13,26 @@ Two steps, so the gateway can run them as a pipeline:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.config import ThrottleStep
+from gateway.economics import Alert, Outcome, Pool, advance, after_debit, pool_limit
+from gateway.economics import debit as debit_pool
 from gateway.errors import Reason, Rejection
 from gateway.ledger import Debit, HighMark, LedgerWrite
-from gateway.metering import Device, attributed_time, charge, debit, next_control, raise_highs
+from gateway.metering import (
+    Device,
+    attributed_time,
+    charge,
+    debit,
+    limit_level,
+    next_control,
+    raise_highs,
+)
 from gateway.views import Event
 from gateway.wire import (
     MAX_UINT,
@@ -51,6 +61,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.devices: dict[str, Device] = {}
+        self.pools: dict[str, Pool] = {}
+        self.members: dict[str, set[str]] = {}  # shared pool key -> its devices' ids
 
     @staticmethod
     def key(device: Device) -> Ed25519PublicKey:
@@ -59,9 +71,26 @@ class Registry:
         bytes per device."""
         return Ed25519PublicKey.from_public_bytes(device.public_key)
 
-    def apply(self, devices: Mapping[str, Device]) -> None:
+    def apply(self, devices: Mapping[str, Device], pools: Iterable[Pool] = ()) -> None:
         """Make a committed batch's effects visible."""
+        for device in devices.values():
+            previous = self.devices.get(device.id)
+            if previous is not None and previous.pool != device.pool:
+                self.members.get(previous.pool, set()).discard(device.id)
+            if device.pool != device.id:
+                self.members.setdefault(device.pool, set()).add(device.id)
         self.devices.update(devices)
+        self.pools.update((pool.key, pool) for pool in pools)
+
+    def pool_of(self, device: Device) -> Pool:
+        """The pool ``device`` draws from."""
+        return self.pools[device.pool]
+
+    def members_of(self, key: str) -> set[str]:
+        """The ids of the devices drawing from pool ``key``."""
+        if key.startswith("@"):
+            return self.members.get(key, set())
+        return {key} if key in self.devices else set()
 
 
 def verify(device_id: str | None, payload: bytes, registry: Registry) -> UsageReport | Rejected:
@@ -106,6 +135,9 @@ class BatchResult:
 
     write: LedgerWrite = field(default_factory=LedgerWrite)
     devices: dict[str, Device] = field(default_factory=dict)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    reset: set[str] = field(default_factory=set)  # pools whose period began anew
+    reporters: dict[str, str] = field(default_factory=dict)  # pool -> last device debited
     controls: list[ControlMessage] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     charged: int = 0  # reports that debited or raised a counter
@@ -124,8 +156,93 @@ def charge_batch(
             _reject(item, now_ms, result)
         else:
             _charge_one(item, registry, pricing, now_ms, result)
-    result.write.devices.extend(result.devices.values())
+    _settle_pools(result, registry, pricing, now_ms)
     return result
+
+
+def pass_time(
+    registry: Registry, pricing: Pricing, now_ms: int, keys: Iterable[str]
+) -> BatchResult:
+    """The effects of time on the pools ``keys``: grant expiries and period resets due by
+    ``now_ms``, and the control messages they make necessary."""
+    result = BatchResult()
+    for key in keys:
+        if key in registry.pools:
+            _advanced_pool(key, registry, now_ms, result)
+    _settle_pools(result, registry, pricing, now_ms)
+    return result
+
+
+def rebalance(
+    registry: Registry, pricing: Pricing, now_ms: int, outcome: Outcome, why: str | None
+) -> BatchResult:
+    """The effects of an operator's change to one pool (``outcome``): its movements and
+    alerts, and a control message for each device on it: always (with ``why``) when
+    ``why`` is given, else only where the level changed."""
+    result = BatchResult()
+    pool = outcome.pool
+    _record(outcome, registry, result)
+    if any(alert.kind == "period_reset" for alert in outcome.alerts):
+        result.reset.add(pool.key)
+        why = "period_reset"
+    result.pools[pool.key] = pool
+    for device_id in sorted(registry.members_of(pool.key)):
+        device = registry.devices[device_id]
+        reason = None if device.revoked else why
+        result.devices[device_id] = _with_control(device, pool, pricing, now_ms, result, reason)
+    result.write.devices.extend(result.devices.values())
+    result.write.pools.append(pool)
+    return result
+
+
+def _advanced_pool(key: str, registry: Registry, now_ms: int, result: BatchResult) -> Pool:
+    """Pool ``key`` as this batch has it, brought up to ``now_ms`` on first touch."""
+    pool = result.pools.get(key)
+    if pool is not None:
+        return pool
+    outcome = advance(registry.pools[key], now_ms)
+    _record(outcome, registry, result)
+    if any(alert.kind == "period_reset" for alert in outcome.alerts):
+        result.reset.add(key)
+    result.pools[key] = outcome.pool
+    return outcome.pool
+
+
+def _record(outcome: Outcome, registry: Registry, result: BatchResult) -> None:
+    result.write.movements.extend(outcome.movements)
+    for alert in outcome.alerts:
+        result.events.append(alert_event(alert, outcome.pool, result.reporters.get(alert.pool)))
+
+
+def alert_event(alert: Alert, pool: Pool, device: str | None) -> Event:
+    """An economics alert as an operator event. ``device`` is the device whose report
+    caused it; time-driven alerts name the pool's device, or none for a shared pool."""
+    owner = device or ("" if pool.shared else pool.key)
+    details = {"pool": pool.key, "account": pool.account, **dict(alert.details)}
+    return Event(alert.kind, owner, alert.at_ms, details)
+
+
+def _settle_pools(result: BatchResult, registry: Registry, pricing: Pricing, now_ms: int) -> None:
+    """After a batch's debits: alerts and top-ups per pool, then control messages for
+    every device whose level may have changed (all of a pool's devices when the pool's
+    own level changed or its period began anew)."""
+    check: set[str] = {d for d in result.devices if d in registry.devices}
+    for key, pool in list(result.pools.items()):
+        outcome = after_debit(pool, now_ms, result.reporters.get(key))
+        _record(outcome, registry, result)
+        result.pools[key] = outcome.pool
+        before = limit_level(pool_limit(registry.pools[key]), pricing.ladder)
+        after = limit_level(pool_limit(outcome.pool), pricing.ladder)
+        if key in result.reset or before.key != after.key or outcome.movements:
+            check.update(registry.members_of(key))
+    for device_id in sorted(check):
+        device = result.devices.get(device_id) or registry.devices[device_id]
+        pool = result.pools.get(device.pool) or registry.pools[device.pool]
+        reset = device.pool in result.reset and not device.revoked
+        why = "period_reset" if reset else None
+        result.devices[device_id] = _with_control(device, pool, pricing, now_ms, result, why)
+    result.write.devices.extend(result.devices.values())
+    result.write.pools.extend(result.pools.values())
 
 
 def _charge_one(
@@ -136,9 +253,10 @@ def _charge_one(
         reason = Reason.REVOKED_DEVICE if device else Reason.UNKNOWN_DEVICE
         _reject(Rejected(report.device, Rejection(reason)), now_ms, result)
         return
+    pool = _advanced_pool(device.pool, registry, now_ms, result)
     highs = device.highs_of(report.boot)
     outcome = charge(report, highs, pricing.prices)
-    if device.used + outcome.tokens > MAX_UINT:
+    if pool.used + outcome.tokens > MAX_UINT:
         # The ledger keeps 64-bit integers. A genuine report cannot get here (2**63 tokens);
         # a broken or hostile device can, and must be refused rather than stop the gateway.
         detail = f"used would pass {MAX_UINT} tokens"
@@ -153,29 +271,34 @@ def _charge_one(
     result.charged += 1
     result.tokens += outcome.tokens
     at_ms = attributed_time(report.device_time_ms, now_ms, pricing.device_clock_max_age_ms)
-    for line in outcome.lines:
+    pool, burn = debit_pool(pool, outcome.tokens)
+    result.pools[pool.key] = pool
+    result.reporters[pool.key] = device.id
+    overage = burn.overage
+    for line in reversed(outcome.lines):  # overage is booked on the last lines first
+        line_overage = min(overage, line.tokens)
+        overage -= line_overage
         result.write.highs.append(HighMark(device.id, report.boot, line.meter, line.to_units))
         result.write.debits.append(
             Debit(
-                device.id,
-                device.account,
-                report.boot,
-                line.meter,
-                line.from_units,
-                line.to_units,
-                line.tokens,
-                at_ms,
-                now_ms,
+                device.id, device.account, report.boot, line.meter, line.from_units,
+                line.to_units, line.tokens, at_ms, now_ms, pool.key, line_overage,
             )
-        )
+        )  # fmt: skip
     raised = raise_highs(device, report.boot, {line.meter: line.to_units for line in outcome.lines})
-    result.devices[device.id] = _with_control(
-        debit(raised, outcome.tokens, now_ms), pricing, now_ms, result
-    )
+    debited = debit(raised, pool, outcome.tokens, now_ms)
+    result.devices[device.id] = _with_control(debited, pool, pricing, now_ms, result)
 
 
-def _with_control(device: Device, pricing: Pricing, now_ms: int, result: BatchResult) -> Device:
-    control = next_control(device, pricing.ladder, now_ms)
+def _with_control(
+    device: Device,
+    pool: Pool,
+    pricing: Pricing,
+    now_ms: int,
+    result: BatchResult,
+    why: str | None = None,
+) -> Device:
+    control = next_control(device, pool, pricing.ladder, now_ms, why=why, force=why is not None)
     if control is None:
         return device
     result.controls.append(control)

@@ -3,8 +3,9 @@
 The ledger is the durable truth. The gateway computes a batch of effects with the pure
 core, hands them to :meth:`Ledger.commit` as one :class:`LedgerWrite` (one transaction:
 all of it or none of it), and only then acknowledges the MQTT messages and makes the new
-state visible. Debits and grants are append-only; for every device,
-``allocation == sum(grants)`` and ``used == sum(debits)``.
+state visible. Debits and movements (grants, settled overage, forfeits) are append-only;
+for every pool, ``sum(grants) + sum(settles) - sum(forfeits) - sum(debits)`` equals its
+balance (:func:`Ledger.totals` returns the two sides).
 
 :class:`MemoryLedger` passes the same contract tests as the SQLite ledger
 (``tests/test_ledger_contract.py``); tests of the service use it where durability is not
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
+from gateway.economics import Movement, Pool
 from gateway.errors import LedgerError
 from gateway.metering import Device
 
@@ -51,18 +53,8 @@ class Debit:
     tokens: int
     at_ms: int  # when the usage is attributed to (see metering.attributed_time)
     received_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Tokens credited to a device: its initial allocation or a refill (append-only)."""
-
-    device: str
-    account: str
-    tokens: int
-    kind: Literal["initial", "refill"]
-    at_ms: int
-    idempotency_key: str | None = None
+    pool: str = ""  # the pool debited
+    overage: int = 0  # of ``tokens``, those past the pool's zero (billed as overage)
 
 
 @dataclass(slots=True)
@@ -70,12 +62,13 @@ class LedgerWrite:
     """Everything one transaction changes. Devices are written whole (upsert)."""
 
     devices: list[Device] = field(default_factory=list)
+    pools: list[Pool] = field(default_factory=list)
     highs: list[HighMark] = field(default_factory=list)
     debits: list[Debit] = field(default_factory=list)
-    grants: list[Grant] = field(default_factory=list)
+    movements: list[Movement] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.devices or self.highs or self.debits or self.grants)
+        return bool(self.devices or self.pools or self.highs or self.debits or self.movements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +105,7 @@ class Snapshot:
 
     devices: list[Device]
     highs: list[HighMark]
+    pools: list[Pool] = field(default_factory=list)
 
 
 class Ledger(Protocol):
@@ -126,12 +120,14 @@ class Ledger(Protocol):
     async def commit(self, write: LedgerWrite) -> None:
         """Apply ``write`` atomically and durably; on error nothing of it is applied."""
 
-    async def find_grant(self, device: str, idempotency_key: str) -> Grant | None: ...
+    async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
+        """The grant to ``pool`` made under ``idempotency_key``, if any."""
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]: ...
 
-    async def totals(self, device: str) -> tuple[int, int]:
-        """``(sum of grants, sum of debits)`` for ``device``: the invariant's two sides."""
+    async def totals(self, pool: str) -> tuple[int, int]:
+        """``(grants + settles - forfeits, debits)`` of ``pool``: their difference is the
+        pool's balance (the conservation invariant's two sides)."""
 
     async def get_meta(self, key: str) -> bytes | None: ...
 
@@ -161,9 +157,10 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self.devices: dict[str, Device] = {}
+        self.pools: dict[str, Pool] = {}
         self.highs: dict[tuple[str, int, str], int] = {}
         self.debits: list[Debit] = []
-        self.grants: list[Grant] = []
+        self.movements: list[Movement] = []
         self.meta: dict[str, bytes] = {}
         self.commits = 0
 
@@ -175,20 +172,21 @@ class MemoryLedger:
 
     async def load(self) -> Snapshot:
         highs = [HighMark(d, b, m, h) for (d, b, m), h in self.highs.items()]
-        return Snapshot(list(self.devices.values()), highs)
+        return Snapshot(list(self.devices.values()), highs, list(self.pools.values()))
 
     async def commit(self, write: LedgerWrite) -> None:
         self._check(write)  # first, so that a refused write applies nothing
         self.devices.update((device.id, replace(device, highs=())) for device in write.devices)
+        self.pools.update((pool.key, pool) for pool in write.pools)
         self.highs.update(((h.device, h.boot, h.meter), h.high) for h in write.highs)
         self.debits.extend(write.debits)
-        self.grants.extend(write.grants)
+        self.movements.extend(write.movements)
         self.commits += 1
 
     def _check(self, write: LedgerWrite) -> None:
-        keys = {(g.device, g.idempotency_key) for g in self.grants} if write.grants else set()
-        for grant in write.grants:
-            key = (grant.device, grant.idempotency_key)
+        keys = {(m.pool, m.idempotency_key) for m in self.movements} if write.movements else set()
+        for grant in write.movements:
+            key = (grant.pool, grant.idempotency_key)
             if grant.idempotency_key is not None and key in keys:  # NULLs never clash
                 raise LedgerError(f"commit failed: grant {key} exists")
             keys.add(key)
@@ -196,26 +194,28 @@ class MemoryLedger:
             if not (d.to_units > d.from_units and d.tokens >= 0):
                 raise LedgerError(f"commit failed: debit {d} does not advance")
         numbers = [
-            *(n for d in write.devices for n in (d.allocation, d.used, d.created_ms)),
+            *(n for d in write.devices for n in (d.used, d.created_ms)),
+            *(n for p in write.pools for n in (p.allocation, p.used, p.settled, p.forfeited)),
             *(h.high for h in write.highs),
             *(n for d in write.debits for n in (d.from_units, d.to_units, d.tokens, d.at_ms)),
-            *(g.tokens for g in write.grants),
+            *(m.tokens for m in write.movements),
         ]
         if any(n not in _INT64 for n in numbers):
             raise LedgerError("commit failed: an integer does not fit in 64 bits")
 
-    async def find_grant(self, device: str, idempotency_key: str) -> Grant | None:
-        for grant in self.grants:
-            if grant.device == device and grant.idempotency_key == idempotency_key:
+    async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
+        for grant in self.movements:
+            if grant.pool == pool and grant.idempotency_key == idempotency_key:
                 return grant
         return None
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
         return summarize(filter_debits(self.debits, query), query.bucket)
 
-    async def totals(self, device: str) -> tuple[int, int]:
-        granted = sum(g.tokens for g in self.grants if g.device == device)
-        return granted, sum(d.tokens for d in self.debits if d.device == device)
+    async def totals(self, pool: str) -> tuple[int, int]:
+        sign = {"grant": 1, "settle": 1, "forfeit": -1}
+        credits = sum(sign[m.kind] * m.tokens for m in self.movements if m.pool == pool)
+        return credits, sum(d.tokens for d in self.debits if d.pool == pool)
 
     async def get_meta(self, key: str) -> bytes | None:
         return self.meta.get(key)

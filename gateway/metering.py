@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from gateway.config import ThrottleStep
+from gateway.economics import Limit, Pool, cap_limit, pool_limit
 from gateway.pricing import charged
 from gateway.wire import ControlMessage, ControlState, UsageReport
 
@@ -65,20 +66,22 @@ def charge(report: UsageReport, highs: Mapping[str, int], prices: Mapping[str, F
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """A provisioned device and its allocation, as the ledger holds it.
+    """A provisioned device, as the ledger holds it.
 
-    ``balance`` always equals ``allocation`` minus ``used`` (tokens debited in the current
-    period; until periods exist, since provisioning). ``control`` is the last control
-    message issued; ``control_sent`` the highest control ``n`` the broker has confirmed.
-    ``highs`` holds ``H`` as sorted ``(boot, meter, high)`` triples: kept in the record
-    itself, it costs about a third of a dict per device (memory is per device, times
-    100,000).
+    The device draws from the pool ``pool`` (its dedicated allocation, key = its id, or
+    its account's shared pool, see :mod:`gateway.economics`), optionally limited by
+    ``cap`` tokens per period of that pool. ``used`` counts the tokens it was debited in
+    the pool's period that began at ``period_ms`` (older periods count as 0: see
+    :func:`used_now`). ``control`` is the last control message issued; ``control_sent``
+    the highest control ``n`` the broker has confirmed. ``highs`` holds ``H`` as sorted
+    ``(boot, meter, high)`` triples: kept in the record itself, it costs about a third of
+    a dict per device (memory is per device, times 100,000).
     """
 
     id: str
     public_key: bytes
     account: str
-    allocation: int
+    pool: str
     used: int
     created_ms: int
     updated_ms: int
@@ -87,14 +90,25 @@ class Device:
     control: ControlMessage | None = None
     control_sent: int = 0
     highs: tuple[tuple[int, str, int], ...] = ()
-
-    @property
-    def balance(self) -> int:
-        return self.allocation - self.used
+    cap: int | None = None
+    period_ms: int = 0
 
     def highs_of(self, boot: int) -> dict[str, int]:
         """``H`` per meter for one boot epoch."""
         return {meter: high for b, meter, high in self.highs if b == boot}
+
+
+def used_now(device: Device, pool: Pool) -> int:
+    """Tokens ``device`` was debited in ``pool``'s current period."""
+    return device.used if device.period_ms == pool.period_start_ms else 0
+
+
+def device_balance(device: Device, pool: Pool) -> int:
+    """The tokens left to the device: its pool's balance, or less under a per-device cap
+    (whichever limit binds first)."""
+    if device.cap is None:
+        return pool.balance
+    return min(pool.balance, device.cap - used_now(device, pool))
 
 
 def raise_highs(device: Device, boot: int, updates: Mapping[str, int]) -> Device:
@@ -118,27 +132,41 @@ class Level:
         return (self.state, self.rate_permille)
 
 
-def decide_level(device: Device, ladder: Sequence[ThrottleStep]) -> Level:
-    """The level a device should run at, from its balance share of the allocation (prepaid).
+OK = Level("ok", 1000, "ok")
 
-    Of the steps whose threshold the balance is at or under, the one with the lowest
+
+def limit_level(limit: Limit | None, ladder: Sequence[ThrottleStep]) -> Level:
+    """The level one limit allows: ``block`` with the limit's reason when no headroom is
+    left; else the ladder on the headroom's share of the limit's base.
+
+    Of the steps whose threshold the share is at or under, the one with the lowest
     threshold wins (the lowest rate among equal thresholds), whatever the order of
-    ``ladder``. Zero or less blocks; revoked devices are blocked.
+    ``ladder``.
     """
-    if device.revoked:
-        return Level("block", 0, "revoked")
-    balance = device.balance
-    if balance <= 0:
-        return Level("block", 0, "exhausted")
-    reached = [step for step in ladder if balance <= step.below * device.allocation]
+    if limit is None:
+        return OK
+    if limit.headroom <= 0:
+        return Level("block", 0, limit.why)
+    reached = [step for step in ladder if limit.headroom <= step.below * limit.base]
     if not reached:
-        return Level("ok", 1000, "ok")
+        return OK
     step = min(reached, key=lambda s: (s.below, s.rate_permille))
     return Level("throttle", step.rate_permille, "low_balance")
 
 
+def decide_level(device: Device, pool: Pool, ladder: Sequence[ThrottleStep]) -> Level:
+    """The level a device should run at: the most restrictive of its pool's limit (per the
+    pool's policy) and its own cap. Revoked devices are blocked."""
+    if device.revoked:
+        return Level("block", 0, "revoked")
+    own = limit_level(cap_limit(device.cap, used_now(device, pool)), ladder)
+    shared = limit_level(pool_limit(pool), ladder)
+    return min(shared, own, key=lambda level: level.rate_permille)
+
+
 def next_control(
     device: Device,
+    pool: Pool,
     ladder: Sequence[ThrottleStep],
     now_ms: int,
     *,
@@ -151,25 +179,28 @@ def next_control(
     level is the same (after a refill: the device learns its new balance); ``why``
     overrides the reason code for an ``ok`` level (``refill``, ``provisioned``).
     """
-    level = decide_level(device, ladder)
+    level = decide_level(device, pool, ladder)
     last = device.control
     if last is not None and not force and (last.state, last.rate_permille) == level.key:
         return None
     reason = why if (why is not None and level.state == "ok") else level.why
     seq = last.seq + 1 if last is not None else 1
     return ControlMessage(
-        device.id, seq, now_ms, level.state, level.rate_permille, device.balance, reason
+        device.id, seq, now_ms, level.state, level.rate_permille,
+        device_balance(device, pool), reason,
+    )  # fmt: skip
+
+
+def debit(device: Device, pool: Pool, tokens: int, now_ms: int) -> Device:
+    """``device`` after a report debiting ``tokens`` (possibly 0) from ``pool`` (its pool,
+    already advanced to ``now_ms``) was accepted at ``now_ms``."""
+    return replace(
+        device,
+        used=used_now(device, pool) + tokens,
+        period_ms=pool.period_start_ms,
+        last_report_ms=now_ms,
+        updated_ms=now_ms,
     )
-
-
-def debit(device: Device, tokens: int, now_ms: int) -> Device:
-    """``device`` after a report debiting ``tokens`` (possibly 0) was accepted at ``now_ms``."""
-    return replace(device, used=device.used + tokens, last_report_ms=now_ms, updated_ms=now_ms)
-
-
-def credit(device: Device, tokens: int, now_ms: int) -> Device:
-    """``device`` after a refill of ``tokens``: the allocation grows, so does the balance."""
-    return replace(device, allocation=device.allocation + tokens, updated_ms=now_ms)
 
 
 def attributed_time(device_time_ms: int, received_ms: int, max_age_ms: int) -> int:

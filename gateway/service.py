@@ -29,6 +29,16 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.economics import (
+    GrantKind,
+    Outcome,
+    Pool,
+    PoolSettings,
+    advance,
+    configure,
+    credit,
+    shared_pool_key,
+)
 from gateway.errors import BadRequest, Conflict, LedgerError, NotFound
 from gateway.flood import FloodMonitor
 from gateway.ingest import (
@@ -37,15 +47,16 @@ from gateway.ingest import (
     Registry,
     Rejected,
     charge_batch,
-    transition_event,
+    pass_time,
+    rebalance,
     verify,
 )
-from gateway.ledger import Grant, Ledger, LedgerWrite, UsageQuery, UsageRow
-from gateway.metering import Device, credit, next_control
+from gateway.ledger import Ledger, LedgerWrite, UsageQuery, UsageRow
+from gateway.metering import Device, next_control
 from gateway.metrics import Metrics
 from gateway.mqtt import Incoming
 from gateway.topics import Topics
-from gateway.views import Event, state_json
+from gateway.views import Event, device_state, state_json
 from gateway.wire import ControlMessage, UsageReport, is_device_id, sign_control
 
 log = logging.getLogger("tokenwell.gateway")
@@ -119,9 +130,8 @@ class MeteringService:
         highs: dict[str, list[tuple[int, str, int]]] = {}
         for mark in snapshot.highs:
             highs.setdefault(mark.device, []).append((mark.boot, mark.meter, mark.high))
-        self.registry.devices = {
-            d.id: replace(d, highs=tuple(sorted(highs.get(d.id, ())))) for d in snapshot.devices
-        }
+        devices = [replace(d, highs=tuple(sorted(highs.get(d.id, ())))) for d in snapshot.devices]
+        self.registry.apply({d.id: d for d in devices}, snapshot.pools)
         self._dirty.update(self.registry.devices)
         self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
 
@@ -189,7 +199,7 @@ class MeteringService:
             async with self._lock:
                 result = charge_batch(items, self.registry, self.pricing, self._clock())
                 await self._commit(result.write, stopping)
-                self.registry.apply(result.devices)
+                self.registry.apply(result.devices, result.pools.values())
             assert self._mqtt is not None
             for message in batch:
                 self._mqtt.ack(message)
@@ -305,33 +315,65 @@ class MeteringService:
         while self._dirty and count < limit:
             device = self.registry.devices.get(self._dirty.pop())
             if device is not None:
-                self._mqtt.publish(
-                    self.topics.fleet_device(device.id), state_json(device), retain=True
-                )
+                state = state_json(device, self.registry.pool_of(device))
+                self._mqtt.publish(self.topics.fleet_device(device.id), state, retain=True)
                 count += 1
         return count
 
     # --- admin operations -----------------------------------------------------------
 
     async def provision(
-        self, device_id: str, public_key: bytes, tokens: int, account: str | None
+        self,
+        device_id: str,
+        public_key: bytes,
+        tokens: int,
+        account: str | None,
+        *,
+        shared: bool = False,
+        cap: int | None = None,
+        settings: PoolSettings | None = None,
     ) -> Device:
-        """Add a device with an initial allocation; raises Conflict if the id exists."""
+        """Add a device with an initial allocation; raises Conflict if the id exists.
+
+        A device draws from its own dedicated pool (``tokens`` is its initial grant; an
+        optional ``settings`` sets its policy, period, alerts and top-up) or, ``shared``,
+        from its account's pool (which must exist; ``tokens`` must be 0), optionally
+        limited to ``cap`` tokens per period.
+        """
         _check_tokens(tokens, allow_zero=True)
         if not is_device_id(device_id):
             raise BadRequest("id must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
         account = account or device_id
         if not is_device_id(account):
             raise BadRequest("account must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        if cap is not None:
+            _check_tokens(cap, allow_zero=True, name="cap")
+        if shared and (tokens or settings is not None):
+            raise BadRequest("a device on its account's shared pool takes no tokens or policy:"
+                             " grant them to the account's pool")  # fmt: skip
         async with self._lock:
             if device_id in self.registry.devices:
                 raise Conflict(f"device {device_id!r} already exists")
             now = self._clock()
-            device = Device(device_id, public_key, account, tokens, 0, now, now)
-            control = next_control(device, self.pricing.ladder, now, why="provisioned", force=True)
+            write = LedgerWrite()
+            if shared:
+                pool = self._existing_pool(shared_pool_key(account))
+            else:
+                configured = configure(Pool(device_id, account), settings or PoolSettings(), now)
+                outcome = credit(configured, tokens, now, kind="initial")
+                pool = outcome.pool
+                write.pools.append(pool)
+                write.movements.extend(outcome.movements)
+            device = Device(
+                device_id, public_key, account, pool.key, 0, now, now,
+                cap=cap, period_ms=pool.period_start_ms,
+            )  # fmt: skip
+            control = next_control(
+                device, pool, self.pricing.ladder, now, why="provisioned", force=True
+            )
             device = replace(device, control=control)
-            grant = Grant(device_id, account, tokens, "initial", now)
-            await self._commit_admin(LedgerWrite(devices=[device], grants=[grant]))
+            write.devices.append(device)
+            await self._commit_admin(write)
             self.metrics.devices.inc()
             self.metrics.tokens_granted.inc(tokens)
         self._announce(
@@ -342,37 +384,86 @@ class MeteringService:
     async def refill(
         self, device_id: str, tokens: int, idempotency_key: str | None
     ) -> tuple[Device, bool]:
-        """Credit ``tokens``; returns the device and whether this was a replayed request.
+        """Credit ``tokens`` to the device's pool (for a device on a shared pool, the
+        account's: every device drawing from it learns its new balance); returns the
+        device and whether this was a replayed request.
 
         A retried request with the same ``Idempotency-Key`` credits nothing more; the
         same key with a different amount is a Conflict.
         """
-        _check_tokens(tokens, allow_zero=False)
-        async with self._lock:
-            device = self._existing(device_id)
+        device = self._existing(device_id)
+        if device.revoked:
+            # An earlier refill's replay still answers (below), a new one is refused.
+            earlier = None
             if idempotency_key is not None:
-                earlier = await self.ledger.find_grant(device_id, idempotency_key)
+                earlier = await self.ledger.find_grant(device.pool, idempotency_key)
+            if earlier is None:
+                raise Conflict(f"device {device_id!r} is revoked")
+        replayed = await self.grant(
+            device.pool, tokens, idempotency_key=idempotency_key, kind="refill", device=device_id
+        )
+        return self._existing(device_id), replayed
+
+    async def grant(
+        self,
+        pool_key: str,
+        tokens: int,
+        *,
+        priority: int = 0,
+        expires_ms: int | None = None,
+        idempotency_key: str | None = None,
+        kind: GrantKind = "grant",
+        device: str | None = None,
+    ) -> bool:
+        """Grant ``tokens`` to pool ``pool_key``; returns True for a replayed request (same
+        ``Idempotency-Key`` and amount: nothing credited). Every device on the pool is
+        sent its new state."""
+        _check_tokens(tokens, allow_zero=False)
+        if type(priority) is not int or not 0 <= priority <= 1000:
+            raise BadRequest("priority must be a whole number from 0 to 1000")
+        async with self._lock:
+            pool = self._existing_pool(pool_key)
+            if idempotency_key is not None:
+                earlier = await self.ledger.find_grant(pool_key, idempotency_key)
                 if earlier is not None:
                     if earlier.tokens != tokens:
-                        raise Conflict("Idempotency-Key was used for a different refill")
-                    return device, True
-            if device.revoked:
-                raise Conflict(f"device {device_id!r} is revoked")
-            if device.allocation + tokens > MAX_ALLOCATION:
-                raise BadRequest(f"the allocation would exceed {MAX_ALLOCATION} tokens")
+                        raise Conflict("Idempotency-Key was used for a different grant")
+                    return True
             now = self._clock()
-            previous = device.control.state if device.control else "ok"
-            device = credit(device, tokens, now)
-            control = next_control(device, self.pricing.ladder, now, why="refill", force=True)
-            device = replace(device, control=control)
-            grant = Grant(device_id, device.account, tokens, "refill", now, idempotency_key)
-            await self._commit_admin(LedgerWrite(devices=[device], grants=[grant]))
+            if expires_ms is not None and expires_ms <= now:
+                raise BadRequest("expires_at must be in the future")
+            if pool.allocation + tokens > MAX_ALLOCATION:
+                raise BadRequest(f"the allocation would exceed {MAX_ALLOCATION} tokens")
+            current = advance(pool, now)
+            outcome = current.then(
+                credit(current.pool, tokens, now, kind=kind, priority=priority,
+                       expires_ms=expires_ms, idempotency_key=idempotency_key)
+            )  # fmt: skip
+            result = rebalance(self.registry, self.pricing, now, outcome, why="refill")
+            await self._commit_admin(result.write)
             self.metrics.tokens_granted.inc(tokens)
-        events = [Event("refill", device_id, now, {"tokens": tokens, "balance": device.balance})]
-        if control is not None and control.state != previous:
-            events.append(transition_event(device_id, previous, control))
-        self._announce(device, *events)
-        return device, False
+        details = {"tokens": tokens, "pool": pool_key, "balance": outcome.pool.balance}
+        self._publish_result(result, Event("refill", device or pool.account, now, details))
+        return False
+
+    async def configure_pool(
+        self, pool_key: str, settings: PoolSettings, *, account: str | None = None
+    ) -> Pool:
+        """Set a pool's policy, period, alerts and top-up; creates an account's shared pool
+        (``account`` given) when it does not exist yet. Devices on it are re-evaluated."""
+        async with self._lock:
+            now = self._clock()
+            existing = self.registry.pools.get(pool_key)
+            if existing is None:
+                if account is None:
+                    raise NotFound(f"no pool {pool_key!r}")
+                existing = Pool(pool_key, account)
+            current = advance(existing, now)
+            outcome = current.then(Outcome(configure(current.pool, settings, now)))
+            result = rebalance(self.registry, self.pricing, now, outcome, why=None)
+            await self._commit_admin(result.write)
+        self._publish_result(result)
+        return outcome.pool
 
     async def revoke(self, device_id: str) -> Device:
         """Revoke a device: its reports are rejected from now on and it is sent ``block``."""
@@ -382,12 +473,32 @@ class MeteringService:
                 return device
             now = self._clock()
             device = replace(device, revoked=True, updated_ms=now)
-            control = next_control(device, self.pricing.ladder, now, force=True)
+            pool = self.registry.pool_of(device)
+            control = next_control(device, pool, self.pricing.ladder, now, force=True)
             device = replace(device, control=control)
             await self._commit_admin(LedgerWrite(devices=[device]))
             self.metrics.devices.dec()
         self._announce(device, Event("device_revoked", device_id, now))
         return device
+
+    async def pass_time(self) -> None:
+        """Apply grant expiries and period resets that are due, with their control
+        messages (``period_reset``) and events. Called every fleet-state interval."""
+        now = self._clock()
+        due = [key for key, pool in self.registry.pools.items() if _due(pool, now)]
+        if not due:
+            return
+        async with self._lock:
+            result = pass_time(self.registry, self.pricing, now, due)
+            await self._commit_admin(result.write)
+        self._publish_result(result)
+
+    def _publish_result(self, result: BatchResult, *events: Event) -> None:
+        for control in result.controls:
+            self._publish_control(control)
+        for event in (*events, *result.events):
+            self.publish_event(event)
+        self._dirty.update(result.devices)
 
     def _existing(self, device_id: str) -> Device:
         device = self.registry.devices.get(device_id)
@@ -395,9 +506,26 @@ class MeteringService:
             raise NotFound(f"no device {device_id!r}")
         return device
 
+    def _existing_pool(self, pool_key: str) -> Pool:
+        pool = self.registry.pools.get(pool_key)
+        if pool is None:
+            if pool_key.startswith("@"):
+                raise NotFound(f"account {pool_key[1:]!r} has no shared pool")
+            raise NotFound(f"no device {pool_key!r}")
+        return pool
+
+    def pool(self, pool_key: str) -> Pool:
+        """A pool's current state; raises NotFound."""
+        return self._existing_pool(pool_key)
+
+    def state(self, device_id: str) -> dict[str, object]:
+        """The device's fleet-state document."""
+        device = self._existing(device_id)
+        return device_state(device, self.registry.pool_of(device))
+
     async def _commit_admin(self, write: LedgerWrite) -> None:
         await self.ledger.commit(write)  # a LedgerError surfaces to the caller: nothing applied
-        self.registry.apply({d.id: d for d in write.devices})
+        self.registry.apply({d.id: d for d in write.devices}, write.pools)
 
     def _announce(self, device: Device, *events: Event) -> None:
         if device.control is not None and device.control.seq > device.control_sent:
@@ -426,10 +554,17 @@ def _verify_all(
     return [verify(device_id, payload, registry) for device_id, payload in items]
 
 
-def _check_tokens(tokens: object, *, allow_zero: bool) -> None:
+def _check_tokens(tokens: object, *, allow_zero: bool, name: str = "tokens") -> None:
     if type(tokens) is not int or tokens < (0 if allow_zero else 1) or tokens > MAX_TOKENS:
         low = 0 if allow_zero else 1
-        raise BadRequest(f"tokens must be a whole number from {low} to {MAX_TOKENS}")
+        raise BadRequest(f"{name} must be a whole number from {low} to {MAX_TOKENS}")
+
+
+def _due(pool: Pool, now_ms: int) -> bool:
+    """Whether a period boundary or a grant expiry of ``pool`` has come."""
+    if pool.period_end_ms is not None and pool.period_end_ms <= now_ms:
+        return True
+    return any(g.expires_ms is not None and g.expires_ms <= now_ms for g in pool.grants)
 
 
 async def _get_or_stop(queue: asyncio.Queue[Incoming], stopping: asyncio.Event) -> Incoming | None:

@@ -17,25 +17,29 @@ to 2**63 in two boot epochs would otherwise break every usage query).
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from gateway.economics import GrantState, Movement, PeriodRule, Pool, TopUpRule
 from gateway.errors import InvalidMessage, LedgerError
-from gateway.ledger import Debit, Grant, HighMark, LedgerWrite, Snapshot, UsageQuery, UsageRow
+from gateway.ledger import Debit, HighMark, LedgerWrite, Snapshot, UsageQuery, UsageRow
 from gateway.metering import Device
+from gateway.pricing import format_price, parse_price
 from gateway.wire import ControlMessage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, public_key BLOB NOT NULL, account TEXT NOT NULL,
-    allocation INTEGER NOT NULL, used INTEGER NOT NULL,
+    pool TEXT NOT NULL, used INTEGER NOT NULL, cap INTEGER, period_ms INTEGER NOT NULL,
     created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, revoked INTEGER NOT NULL,
     last_report_ms INTEGER,
     ctl_n INTEGER, ctl_t INTEGER, ctl_s TEXT, ctl_r INTEGER, ctl_bal INTEGER, ctl_why TEXT,
@@ -45,38 +49,48 @@ CREATE TABLE IF NOT EXISTS highs (
     device TEXT NOT NULL, boot INTEGER NOT NULL, meter TEXT NOT NULL, high INTEGER NOT NULL,
     PRIMARY KEY (device, boot, meter)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pools (
+    key TEXT PRIMARY KEY, account TEXT NOT NULL, state TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS debits (
     seq INTEGER PRIMARY KEY, device TEXT NOT NULL, account TEXT NOT NULL,
     boot INTEGER NOT NULL, meter TEXT NOT NULL,
     from_units INTEGER NOT NULL, to_units INTEGER NOT NULL, tokens INTEGER NOT NULL,
     at_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
-    CHECK (to_units > from_units AND tokens >= 0)
+    pool TEXT NOT NULL, overage INTEGER NOT NULL,
+    CHECK (to_units > from_units AND tokens >= 0 AND overage BETWEEN 0 AND tokens)
 );
 CREATE INDEX IF NOT EXISTS debits_at ON debits (at_ms);
 CREATE INDEX IF NOT EXISTS debits_device_at ON debits (device, at_ms);
-CREATE TABLE IF NOT EXISTS grants (
-    seq INTEGER PRIMARY KEY, device TEXT NOT NULL, account TEXT NOT NULL,
-    tokens INTEGER NOT NULL, kind TEXT NOT NULL, at_ms INTEGER NOT NULL,
-    idempotency_key TEXT, UNIQUE (device, idempotency_key)
+CREATE INDEX IF NOT EXISTS debits_pool ON debits (pool);
+CREATE TABLE IF NOT EXISTS movements (
+    seq INTEGER PRIMARY KEY, pool TEXT NOT NULL, account TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('grant', 'settle', 'forfeit')),
+    tokens INTEGER NOT NULL CHECK (tokens >= 0), at_ms INTEGER NOT NULL,
+    grant_seq INTEGER, grant_kind TEXT, priority INTEGER NOT NULL,
+    expires_ms INTEGER, idempotency_key TEXT, device TEXT,
+    UNIQUE (pool, idempotency_key)
 );
 """
 
 _DEVICE_COLUMNS = (
-    "id, public_key, account, allocation, used, created_ms, updated_ms, revoked, "
-    "last_report_ms, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent"
+    "id, public_key, account, pool, used, created_ms, updated_ms, revoked, "
+    "last_report_ms, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent, cap, period_ms"
 )
 _UPSERT_DEVICE = (
-    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 18)})"
 )
+_UPSERT_POOL = "INSERT OR REPLACE INTO pools (key, account, state) VALUES (?, ?, ?)"
 _UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high) VALUES (?, ?, ?, ?)"
 _INSERT_DEBIT = (
     "INSERT INTO debits (device, account, boot, meter, from_units, to_units, tokens, at_ms,"
-    " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " received_ms, pool, overage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_GRANT = (
-    "INSERT INTO grants (device, account, tokens, kind, at_ms, idempotency_key)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+_MOVEMENT_COLUMNS = (
+    "pool, account, kind, tokens, at_ms, grant_seq, grant_kind, priority, expires_ms,"
+    " idempotency_key, device"
 )
+_INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS}) VALUES ({', '.join('?' * 11)})"
 _LOW_BITS = 2**32 - 1
 _BUCKET_SQL = {
     "all": "NULL",
@@ -91,23 +105,49 @@ def device_row(device: Device) -> tuple[Any, ...]:
     c = device.control
     control = (c.seq, c.time_ms, c.state, c.rate_permille, c.balance, c.why) if c else (None,) * 6
     return (
-        device.id, device.public_key, device.account, device.allocation, device.used,
+        device.id, device.public_key, device.account, device.pool, device.used,
         device.created_ms, device.updated_ms, int(device.revoked), device.last_report_ms,
-        *control, device.control_sent,
+        *control, device.control_sent, device.cap, device.period_ms,
     )  # fmt: skip
 
 
 def device_from_row(row: tuple[Any, ...]) -> Device:
     """The inverse of :func:`device_row`."""
-    (id_, key, account, allocation, used, created, updated, revoked, last, *ctl, sent) = row
+    (id_, key, account, pool, used, created, updated, revoked, last, *ctl) = row
+    *ctl, sent, cap, period_ms = ctl
     control = None
     if ctl[0] is not None:
         n, t, s, r, bal, why = ctl
         control = ControlMessage(id_, n, t, s, r, bal, why)
     return Device(
-        id_, bytes(key), account, allocation, used, created, updated, bool(revoked), last,
-        control, sent,
+        id_, bytes(key), account, pool, used, created, updated, bool(revoked), last,
+        control, sent, cap=cap, period_ms=period_ms,
     )  # fmt: skip
+
+
+def pool_state(pool: Pool) -> str:
+    """A :class:`Pool` as JSON text (exact: integers and fraction strings only)."""
+    state = asdict(pool)
+    state["thresholds"] = [format_price(t) for t in pool.thresholds]
+    state["fired"] = [format_price(t) for t in pool.fired]
+    return json.dumps(state, separators=(",", ":"))
+
+
+def pool_from_state(text: str) -> Pool:
+    """The inverse of :func:`pool_state`."""
+    state = json.loads(text)
+    period = state["period"]
+    topup = state["topup"]
+    return Pool(
+        **{
+            **state,
+            "period": PeriodRule(**period) if period else None,
+            "topup": TopUpRule(**topup) if topup else None,
+            "grants": tuple(GrantState(**g) for g in state["grants"]),
+            "thresholds": tuple(parse_price(t) for t in state["thresholds"]),
+            "fired": tuple(parse_price(t) for t in state["fired"]),
+        }
+    )
 
 
 class SqliteLedger:
@@ -128,8 +168,8 @@ class SqliteLedger:
             if mode != "wal":
                 raise LedgerError(f"ledger {self.path}: cannot enable WAL (got {mode!r})")
             await self._writer.execute("PRAGMA synchronous = FULL")
+            await self._check_version()  # before the schema: an old file's tables differ
             await self._writer.executescript(SCHEMA)
-            await self._check_version()
             # as_uri() percent-encodes: a '?', '#' or '%' in the path stays part of the path.
             reader_uri = f"{self.path.resolve().as_uri()}?mode=ro"
             self._reader = await aiosqlite.connect(reader_uri, uri=True)
@@ -145,13 +185,21 @@ class SqliteLedger:
 
     async def _check_version(self) -> None:
         assert self._writer is not None
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+        )
         found = await self._scalar(self._writer, "SELECT value FROM meta WHERE key = 'schema'")
         if found is None:
             await self._writer.execute(
                 "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION).encode(),)
             )
         elif int(found) != SCHEMA_VERSION:
-            raise LedgerError(f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}")
+            raise LedgerError(
+                f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}"
+                " (schema 1 predates accounts and pools: start a new ledger)"
+                if int(found) == 1
+                else f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}"
+            )
 
     @staticmethod
     async def _scalar(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -191,7 +239,9 @@ class SqliteLedger:
                 devices = [device_from_row(tuple(row)) for row in await cursor.fetchall()]
             async with self._w.execute("SELECT device, boot, meter, high FROM highs") as cursor:
                 highs = [HighMark(*row) for row in await cursor.fetchall()]
-        return Snapshot(devices, highs)
+            async with self._w.execute("SELECT state FROM pools") as cursor:
+                pools = [pool_from_state(row[0]) for row in await cursor.fetchall()]
+        return Snapshot(devices, highs, pools)
 
     async def commit(self, write: LedgerWrite) -> None:
         conn = self._w
@@ -209,27 +259,26 @@ class SqliteLedger:
     async def _apply(conn: aiosqlite.Connection, write: LedgerWrite) -> None:
         if write.devices:
             await conn.executemany(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
+        if write.pools:
+            pools = [(p.key, p.account, pool_state(p)) for p in write.pools]
+            await conn.executemany(_UPSERT_POOL, pools)
         if write.highs:
             highs = [(h.device, h.boot, h.meter, h.high) for h in write.highs]
             await conn.executemany(_UPSERT_HIGH, highs)
         if write.debits:
             await conn.executemany(_INSERT_DEBIT, [_debit_row(d) for d in write.debits])
-        if write.grants:
-            grants = [
-                (g.device, g.account, g.tokens, g.kind, g.at_ms, g.idempotency_key)
-                for g in write.grants
-            ]
-            await conn.executemany(_INSERT_GRANT, grants)
+        if write.movements:
+            await conn.executemany(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])
 
-    async def find_grant(self, device: str, idempotency_key: str) -> Grant | None:
+    async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
         sql = (
-            "SELECT device, account, tokens, kind, at_ms, idempotency_key FROM grants"
-            " WHERE device = ? AND idempotency_key = ?"
+            f"SELECT {_MOVEMENT_COLUMNS} FROM movements"
+            " WHERE pool = ? AND idempotency_key = ? AND kind = 'grant'"
         )
         with self._translated("cannot read grants"):
-            async with self._w.execute(sql, (device, idempotency_key)) as cursor:
+            async with self._w.execute(sql, (pool, idempotency_key)) as cursor:
                 row = await cursor.fetchone()
-        return None if row is None else Grant(*row)
+        return None if row is None else Movement(*row)
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
         where, args = _usage_filters(query)
@@ -247,12 +296,13 @@ class SqliteLedger:
             for b, device, account, meter, u_hi, u_lo, t_hi, t_lo in rows
         ]
 
-    async def totals(self, device: str) -> tuple[int, int]:
+    async def totals(self, pool: str) -> tuple[int, int]:
         sums = []
+        signed = "CASE kind WHEN 'forfeit' THEN -tokens ELSE tokens END"
         with self._translated("cannot read totals"):
-            for table in ("grants", "debits"):
-                sql = f"SELECT {_exact_sum('tokens')} FROM {table} WHERE device = ?"
-                async with self._r.execute(sql, (device,)) as cursor:
+            for table, value in (("movements", signed), ("debits", "tokens")):
+                sql = f"SELECT {_exact_sum(value)} FROM {table} WHERE pool = ?"
+                async with self._r.execute(sql, (pool,)) as cursor:
                     high, low = await cursor.fetchone() or (None, None)
                 sums.append(((high or 0) << 32) + (low or 0))
         return sums[0], sums[1]
@@ -275,7 +325,14 @@ def _exact_sum(expr: str) -> str:
 def _debit_row(d: Debit) -> tuple[Any, ...]:
     return (
         d.device, d.account, d.boot, d.meter, d.from_units, d.to_units, d.tokens, d.at_ms,
-        d.received_ms,
+        d.received_ms, d.pool, d.overage,
+    )  # fmt: skip
+
+
+def _movement_row(m: Movement) -> tuple[Any, ...]:
+    return (
+        m.pool, m.account, m.kind, m.tokens, m.at_ms, m.grant_seq, m.grant_kind, m.priority,
+        m.expires_ms, m.idempotency_key, m.device,
     )  # fmt: skip
 
 

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.metering import Device
+from gateway.economics import Pool
+from gateway.metering import Device, device_balance, used_now
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -20,17 +21,30 @@ def rfc3339(ms: int | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def device_state(device: Device) -> dict[str, Any]:
-    """The fleet-state document of a device, also served by ``GET /v1/devices/{id}``."""
+def device_state(device: Device, pool: Pool) -> dict[str, Any]:
+    """The fleet-state document of a device, also served by ``GET /v1/devices/{id}``.
+
+    ``balance`` is what binds first (the pool's balance, or less under the device's cap);
+    ``allocation`` is the pool's for the current period; ``used`` the device's own debits
+    in that period; ``pool_used`` all of the pool's.
+    """
     control = device.control
     return {
         "device": device.id,
         "account": device.account,
         "state": "revoked" if device.revoked else (control.state if control else "ok"),
         "rate_permille": control.rate_permille if control else 1000,
-        "balance": device.balance,
-        "allocation": device.allocation,
-        "used": device.used,
+        "balance": device_balance(device, pool),
+        "allocation": pool.allocation,
+        "used": used_now(device, pool),
+        "pool": "shared" if pool.shared else "dedicated",
+        "policy": pool.policy,
+        "cap": device.cap,
+        "pool_balance": pool.balance,
+        "pool_used": pool.used,
+        "overage": pool.overage,
+        "period_start": rfc3339(pool.period_start_ms) if pool.period else None,
+        "period_end": rfc3339(pool.period_end_ms),
         "revoked": device.revoked,
         "public_key": device.public_key.hex(),
         "control_seq": control.seq if control else 0,
@@ -54,9 +68,9 @@ class Event:
         return json.dumps({**body, **self.details}, separators=(",", ":")).encode()
 
 
-def state_json(device: Device) -> bytes:
+def state_json(device: Device, pool: Pool) -> bytes:
     """:func:`device_state` encoded for the retained fleet topic."""
-    return json.dumps(device_state(device), separators=(",", ":")).encode()
+    return json.dumps(device_state(device, pool), separators=(",", ":")).encode()
 
 
 def parse_time(text: str) -> int:

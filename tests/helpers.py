@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gateway.app import Gateway
 from gateway.config import parse_settings
+from gateway.ledger import Ledger, Snapshot
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.topics import Topics
 from gateway.wire import (
@@ -276,3 +277,17 @@ def _drain_in_background(process: subprocess.Popen[bytes]) -> Iterator[None] | N
 
     threading.Thread(target=drain, daemon=True).start()
     return None
+
+
+async def assert_conserved(ledger: Ledger) -> Snapshot:
+    """Every pool's balance equals its ledger entries (grants + settles - forfeits -
+    debits), and, while no period has reset it, its ``used`` is the sum of its debits;
+    every device's ``used`` is the sum of its own debits in the pool's current period.
+    Returns the snapshot checked."""
+    snapshot = await ledger.load()
+    for pool in snapshot.pools:
+        credits, debits = await ledger.totals(pool.key)
+        assert credits - debits == pool.balance, pool
+        if pool.period is None:
+            assert debits == pool.used, pool
+    return snapshot

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
 from gateway.sqlite_ledger import SqliteLedger
-from tests.helpers import TOKEN, GatewayProcess
+from tests.helpers import TOKEN, GatewayProcess, assert_conserved
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONFIG = 'topic_prefix = "fuzz/v1"\nclient_id = "fuzz-gateway"\n[meters]\napi_calls = "0.01"\n'
@@ -67,9 +67,7 @@ def test_after_fuzzing_every_balance_still_equals_its_entries(
         ledger = SqliteLedger(db)
         await ledger.open()
         try:
-            snapshot = await ledger.load()
-            for device in snapshot.devices:
-                assert await ledger.totals(device.id) == (device.allocation, device.used)
+            snapshot = await assert_conserved(ledger)
             return len(snapshot.devices)
         finally:
             await ledger.close()

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import DEFAULT_LADDER
+from gateway.economics import Pool, credit
 from gateway.errors import Rejection
 from gateway.ingest import Pricing, Registry, Rejected, charge_batch, verify
 from gateway.ledger import MemoryLedger
@@ -99,7 +100,10 @@ def test_no_interleaving_of_duplicates_replays_reorders_or_losses_changes_the_ch
     genuine, final = stream
     batches = data.draw(deliveries(genuine))
     registry = Registry()
-    registry.devices["dev-1"] = Device("dev-1", bytes(32), "acme", allocation, 0, 0, 0)
+    registry.apply(
+        {"dev-1": Device("dev-1", bytes(32), "acme", "dev-1", 0, 0, 0)},
+        [credit(Pool("dev-1", "acme"), allocation, 0).pool],
+    )
     pricing = Pricing(PRICES, DEFAULT_LADDER)
     ledger = MemoryLedger()
     highest = max_reported(genuine)
@@ -112,7 +116,7 @@ def test_no_interleaving_of_duplicates_replays_reorders_or_losses_changes_the_ch
             assert registry.devices == before  # charge_batch decides; it changes nothing
             assert not result.rejected
             await ledger.commit(result.write)
-            registry.apply(result.devices)
+            registry.apply(result.devices, result.pools.values())
             controls.extend(result.controls)
             for boot, meter, high in registry.devices["dev-1"].highs:
                 assert high <= highest[boot, meter]
@@ -124,6 +128,7 @@ def test_no_interleaving_of_duplicates_replays_reorders_or_losses_changes_the_ch
     assert all(d.to_units > d.from_units and d.tokens >= 0 for d in debits)
     assert sum(d.tokens for d in debits) == want
     assert registry.devices["dev-1"].used == want
+    assert registry.pools["dev-1"].used == want
     assert asyncio.run(ledger.totals("dev-1")) == (0, want)
     units: dict[tuple[int, str], int] = defaultdict(int)
     for d in debits:
@@ -253,9 +258,14 @@ def test_a_genuinely_signed_body_of_any_shape_gives_a_rejection_or_an_in_range_r
 
 
 REGISTRY = Registry()
-REGISTRY.devices["dev-1"] = Device("dev-1", PUBLIC.public_bytes_raw(), "acme", 10, 0, 0, 0)
-REGISTRY.devices["gone"] = Device(
-    "gone", OTHER.public_key().public_bytes_raw(), "acme", 10, 0, 0, 0, revoked=True
+REGISTRY.apply(
+    {
+        "dev-1": Device("dev-1", PUBLIC.public_bytes_raw(), "acme", "dev-1", 0, 0, 0),
+        "gone": Device(
+            "gone", OTHER.public_key().public_bytes_raw(), "acme", "gone", 0, 0, 0, revoked=True
+        ),
+    },
+    [credit(Pool(name, "acme"), 10, 0).pool for name in ("dev-1", "gone")],
 )
 topic_ids = st.one_of(
     st.none(),

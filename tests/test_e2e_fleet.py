@@ -72,7 +72,7 @@ async def test_a_blocked_device_stops_and_a_refill_resumes_it(broker: Any, tmp_p
             fleet.tick(10.0, START_MS)  # 10,000 api_calls = 100 tokens: past the allocation
             blocked = await fleet.wait_for_control(device.device_id, lambda c: c.state == "block")
             assert blocked.why == "exhausted"
-            assert blocked.balance == gw.service.registry.devices[device.device_id].balance < 0
+            assert blocked.balance == gw.service.state(device.device_id)["balance"] < 0
             frozen = dict(device.counters)
             fleet.tick(5.0, START_MS + 200_000)
             assert device.counters == frozen  # a blocked device consumes nothing

@@ -12,7 +12,9 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway import economics
 from gateway.config import DEFAULT_LADDER
+from gateway.economics import Pool, credit
 from gateway.errors import Reason, Rejection
 from gateway.ingest import (
     Pricing,
@@ -43,18 +45,30 @@ PRICES = {"api_calls": Fraction(1, 100), "gpu_seconds": Fraction(1, 3)}
 PRICING = Pricing(PRICES, DEFAULT_LADDER)
 
 
+ALLOCATIONS: dict[str, int] = {}
+
+
 def provisioned(name: str, allocation: int = 1000, **changes: object) -> Device:
     """A device as provisioning leaves it: with its first control message (``ok``)."""
     public = KEYS[name].public_key().public_bytes_raw()
-    device = Device(name, public, f"acct-{name}", allocation, 0, T, T)
-    first = next_control(device, DEFAULT_LADDER, T, why="provisioned", force=True)
+    device = Device(name, public, f"acct-{name}", name, 0, T, T)
+    ALLOCATIONS[name] = allocation
+    first = next_control(device, pool_of(name), DEFAULT_LADDER, T, why="provisioned", force=True)
     return replace(device, control=first, **changes)  # type: ignore[arg-type]
+
+
+def pool_of(name: str) -> Pool:
+    return credit(Pool(name, f"acct-{name}"), ALLOCATIONS[name], T, kind="initial").pool
 
 
 def registry(*devices: Device) -> Registry:
     reg = Registry()
-    defaults = (provisioned("dev-1"), provisioned("dev-2"), provisioned("gone", revoked=True))
-    reg.devices = {d.id: d for d in (*defaults, *devices)}
+    given = {d.id for d in devices}
+    defaults = [provisioned(name) for name in ("dev-1", "dev-2") if name not in given]
+    if "gone" not in given:
+        defaults.append(provisioned("gone", revoked=True))
+    everyone = {d.id: d for d in (*defaults, *devices)}
+    reg.apply(everyone, [pool_of(name) for name in everyone])
     return reg
 
 
@@ -150,9 +164,9 @@ def test_a_batch_is_charged_in_order_into_one_write_without_touching_the_registr
     result = charge_batch(items, reg, PRICING, NOW)
     assert reg.devices == before
     assert result.write.debits == [
-        Debit("dev-1", "acct-dev-1", 1, "api_calls", 0, 150, 2, T, NOW),
-        Debit("dev-1", "acct-dev-1", 1, "api_calls", 150, 250, 1, T, NOW),
-        Debit("dev-2", "acct-dev-2", 1, "gpu_seconds", 0, 4, 2, T, NOW),
+        Debit("dev-1", "acct-dev-1", 1, "api_calls", 0, 150, 2, T, NOW, "dev-1"),
+        Debit("dev-1", "acct-dev-1", 1, "api_calls", 150, 250, 1, T, NOW, "dev-1"),
+        Debit("dev-2", "acct-dev-2", 1, "gpu_seconds", 0, 4, 2, T, NOW, "dev-2"),
     ]
     assert result.write.highs == [
         HighMark("dev-1", 1, "api_calls", 150),
@@ -268,7 +282,7 @@ def test_a_report_that_would_take_used_past_2_to_the_63_is_rejected_not_fatal() 
     reg = registry()
     at_limit = charge_batch([report({"big": 2**63 - 1})], reg, pricing, NOW)
     assert at_limit.devices["dev-1"].used == 2**63 - 1
-    reg.apply(at_limit.devices)
+    reg.apply(at_limit.devices, at_limit.pools.values())
     past = charge_batch(
         [report({"big": 2**63 - 1, "huge": 1}, n=2), report({"big": 1}, device="dev-2")],
         reg,
@@ -318,13 +332,14 @@ def test_events_and_device_state_are_json_with_rfc3339_times() -> None:
         "reason": "malformed",
     }  # fmt: skip
     dev = provisioned("dev-1", 100, used=85, last_report_ms=None)
-    state = json.loads(state_json(dev))
-    assert state == device_state(dev)
+    pool = economics.debit(pool_of("dev-1"), 85)[0]
+    state = json.loads(state_json(dev, pool))
+    assert state == device_state(dev, pool)
     assert (state["state"], state["rate_permille"], state["balance"], state["used"]) == (
         "ok", 1000, 15, 85,
     )  # fmt: skip
     assert state["last_report_at"] is None
-    revoked = json.loads(state_json(replace(dev, revoked=True)))
+    revoked = json.loads(state_json(replace(dev, revoked=True), pool))
     assert revoked["state"] == "revoked"
 
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from gateway.economics import GrantKind, Movement
 from gateway.errors import LedgerError
 from gateway.ledger import (
     Debit,
-    Grant,
     HighMark,
     Ledger,
     LedgerWrite,
@@ -55,22 +55,26 @@ async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 def device(name: str, *, control: bool = False, account: str = "acme") -> Device:
     message = ControlMessage(name, 3, T0, "throttle", 500, 15, "low_balance") if control else None
-    return Device(name, bytes(range(32)), account, 100, 85, T0, T0 + 1, False, T0 + 2, message, 2)
+    return Device(name, bytes(range(32)), account, name, 85, T0, T0 + 1, False, T0 + 2, message, 2)
 
 
 def debit(
     name: str, meter: str, start: int, end: int, tokens: int, at: int, *, account: str = "acme"
 ) -> Debit:
-    return Debit(name, account, 1, meter, start, end, tokens, at, at + 5)
+    return Debit(name, account, 1, meter, start, end, tokens, at, at + 5, name)
+
+
+def grant(pool: str, tokens: int, kind: GrantKind, at: int, key: str | None = None) -> Movement:
+    return Movement(pool, "acme", "grant", tokens, at, grant_kind=kind, idempotency_key=key)
 
 
 # --- round trips ------------------------------------------------------------------------------
 
 
 async def test_devices_with_and_without_control_are_loaded_back_whole(ledger: Ledger) -> None:
-    revoked = Device("c", b"\xff" * 32, "other", 0, 0, 1, 2, True, None, None, 0)
+    revoked = Device("c", b"\xff" * 32, "other", "@other", 0, 1, 2, True, None, None, 0, cap=5)
     blocked = Device(
-        "d", bytes(32), "acme", 10, 2**62, 5, 6, False, 7,
+        "d", bytes(32), "acme", "d", 2**62, 5, 6, False, 7,
         ControlMessage("d", 2**63 - 1, 2**63 - 1, "block", 0, -(2**63), "exhausted"), 2**63 - 1,
     )  # fmt: skip
     written = [device("a", control=True), device("b"), revoked, blocked]
@@ -82,7 +86,7 @@ async def test_devices_with_and_without_control_are_loaded_back_whole(ledger: Le
 
 async def test_highs_come_back_in_the_snapshot_not_in_the_device_records(ledger: Ledger) -> None:
     """The caller joins them (service.load); both ledgers agree on that split."""
-    carrying = Device("a", bytes(32), "acme", 1, 0, 0, 0, highs=((1, "x", 5),))
+    carrying = Device("a", bytes(32), "acme", "a", 0, 0, 0, highs=((1, "x", 5),))
     marks = [HighMark("a", 1, "api_calls", 500), HighMark("a", 2**63 - 1, "gpu_seconds", 2**63 - 1)]
     await ledger.commit(LedgerWrite(devices=[carrying], highs=marks))
     snapshot = await ledger.load()
@@ -96,16 +100,16 @@ async def test_devices_and_highs_are_upserted_debits_and_grants_appended(ledger:
             devices=[device("a")],
             highs=[HighMark("a", 1, "x", 5), HighMark("a", 2, "x", 1)],
             debits=[debit("a", "x", 0, 5, 5, T0)],
-            grants=[Grant("a", "acme", 100, "initial", T0)],
+            movements=[grant("a", 100, "initial", T0)],
         )
     )
-    changed = Device("a", bytes(range(32)), "acme", 200, 90, T0, T0 + 9)
+    changed = Device("a", bytes(range(32)), "acme", "a", 90, T0, T0 + 9, period_ms=T0)
     await ledger.commit(
         LedgerWrite(
             devices=[changed],
             highs=[HighMark("a", 1, "x", 9)],
             debits=[debit("a", "x", 5, 9, 4, T0 + 1)],
-            grants=[Grant("a", "acme", 100, "refill", T0 + 1)],
+            movements=[grant("a", 100, "refill", T0 + 1)],
         )
     )
     snapshot = await ledger.load()
@@ -126,8 +130,8 @@ async def test_totals_are_the_sums_of_grants_and_debits_per_device(ledger: Ledge
         LedgerWrite(
             debits=[debit("a", "x", 0, 5, 5, T0), debit("a", "y", 0, 1, 0, T0),
                     debit("b", "x", 0, 9, 9, T0)],
-            grants=[Grant("a", "acme", 100, "initial", T0), Grant("a", "acme", 2**62, "refill", T0),
-                    Grant("b", "acme", 7, "initial", T0)],
+            movements=[grant("a", 100, "initial", T0), grant("a", 2**62, "refill", T0),
+                    grant("b", 7, "initial", T0)],
         )
     )  # fmt: skip
     assert await ledger.totals("a") == (100 + 2**62, 5)
@@ -136,12 +140,12 @@ async def test_totals_are_the_sums_of_grants_and_debits_per_device(ledger: Ledge
 
 
 async def test_a_grant_is_found_by_device_and_idempotency_key(ledger: Ledger) -> None:
-    grant = Grant("a", "acme", 40, "refill", T0, "key-1")
+    wanted = grant("a", 40, "refill", T0, "key-1")
     await ledger.commit(
-        LedgerWrite(grants=[Grant("a", "acme", 100, "initial", T0), grant,
-                            Grant("b", "acme", 41, "refill", T0, "key-2")])
+        LedgerWrite(movements=[grant("a", 100, "initial", T0), wanted,
+                            grant("b", 41, "refill", T0, "key-2")])
     )  # fmt: skip
-    assert await ledger.find_grant("a", "key-1") == grant
+    assert await ledger.find_grant("a", "key-1") == wanted
     assert await ledger.find_grant("a", "key-2") is None
     assert await ledger.find_grant("b", "key-1") is None
     assert await ledger.find_grant("nobody", "key-1") is None
@@ -150,10 +154,10 @@ async def test_a_grant_is_found_by_device_and_idempotency_key(ledger: Ledger) ->
 async def test_grants_without_a_key_never_clash_and_one_key_serves_two_devices(
     ledger: Ledger,
 ) -> None:
-    await ledger.commit(LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0)] * 3))
+    await ledger.commit(LedgerWrite(movements=[grant("a", 1, "refill", T0)] * 3))
     await ledger.commit(
-        LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0, "k"),
-                            Grant("b", "acme", 2, "refill", T0, "k")])
+        LedgerWrite(movements=[grant("a", 1, "refill", T0, "k"),
+                            grant("b", 2, "refill", T0, "k")])
     )  # fmt: skip
     assert await ledger.totals("a") == (4, 0)
     found = await ledger.find_grant("b", "k")
@@ -264,9 +268,9 @@ async def test_usage_sums_are_exact_beyond_64_bits(ledger: Ledger) -> None:
     await ledger.commit(
         LedgerWrite(
             debits=[
-                Debit("a", "acme", 1, "free", 0, big, big, T0, T0),
-                Debit("a", "acme", 2, "free", 0, big, big, T0, T0),
-                Debit("b", "acme", 1, "free", 0, big, 0, T0, T0),
+                Debit("a", "acme", 1, "free", 0, big, big, T0, T0, "a"),
+                Debit("a", "acme", 2, "free", 0, big, big, T0, T0, "a"),
+                Debit("b", "acme", 1, "free", 0, big, 0, T0, T0, "b"),
             ]
         )
     )
@@ -286,12 +290,12 @@ async def test_usage_sums_are_exact_beyond_64_bits(ledger: Ledger) -> None:
 
 async def test_a_write_refused_mid_way_applies_nothing(ledger: Ledger) -> None:
     """A second grant with a used (device, idempotency key) fails the whole transaction."""
-    await ledger.commit(LedgerWrite(grants=[Grant("a", "acme", 1, "refill", T0, "k")]))
+    await ledger.commit(LedgerWrite(movements=[grant("a", 1, "refill", T0, "k")]))
     clash = LedgerWrite(
         devices=[device("a")],
         highs=[HighMark("a", 1, "x", 5)],
         debits=[debit("a", "x", 0, 5, 5, T0)],
-        grants=[Grant("a", "acme", 9, "refill", T0), Grant("a", "acme", 1, "refill", T0, "k")],
+        movements=[grant("a", 9, "refill", T0), grant("a", 1, "refill", T0, "k")],
     )
     with pytest.raises(LedgerError):
         await ledger.commit(clash)
@@ -304,19 +308,21 @@ async def test_a_write_refused_mid_way_applies_nothing(ledger: Ledger) -> None:
 
 
 async def test_the_same_idempotency_key_twice_in_one_write_is_refused(ledger: Ledger) -> None:
-    twice = [Grant("a", "acme", 1, "refill", T0, "k"), Grant("a", "acme", 1, "refill", T0, "k")]
+    twice = [grant("a", 1, "refill", T0, "k"), grant("a", 1, "refill", T0, "k")]
     with pytest.raises(LedgerError):
-        await ledger.commit(LedgerWrite(grants=twice))
+        await ledger.commit(LedgerWrite(movements=twice))
     assert await ledger.totals("a") == (0, 0)
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        pytest.param(Debit("a", "acme", 1, "x", 5, 5, 0, T0, T0), id="no advance"),
-        pytest.param(Debit("a", "acme", 1, "x", 5, 4, 0, T0, T0), id="backwards"),
-        pytest.param(Debit("a", "acme", 1, "x", 0, 4, -1, T0, T0), id="negative tokens"),
-        pytest.param(Debit("a", "acme", 1, "x", 0, 4, 2**63, T0, T0), id="tokens past 64 bits"),
+        pytest.param(Debit("a", "acme", 1, "x", 5, 5, 0, T0, T0, "a"), id="no advance"),
+        pytest.param(Debit("a", "acme", 1, "x", 5, 4, 0, T0, T0, "a"), id="backwards"),
+        pytest.param(Debit("a", "acme", 1, "x", 0, 4, -1, T0, T0, "a"), id="negative tokens"),
+        pytest.param(
+            Debit("a", "acme", 1, "x", 0, 4, 2**63, T0, T0, "a"), id="tokens past 64 bits"
+        ),
     ],
 )
 async def test_a_debit_that_breaks_the_rules_is_refused_with_nothing_applied(
@@ -348,11 +354,11 @@ async def test_a_commit_survives_closing_and_reopening(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite3"
     ledger = SqliteLedger(path)
     await ledger.open()
-    await ledger.commit(LedgerWrite(devices=[device("a", control=True)], grants=[
-        Grant("a", "acme", 100, "initial", T0, "k")]))  # fmt: skip
+    await ledger.commit(LedgerWrite(devices=[device("a", control=True)], movements=[
+        grant("a", 100, "initial", T0, "k")]))  # fmt: skip
     await ledger.close()
     with sqlite3.connect(path) as raw:  # another process's view
-        assert raw.execute("SELECT SUM(tokens) FROM grants").fetchone() == (100,)
+        assert raw.execute("SELECT SUM(tokens) FROM movements").fetchone() == (100,)
     again = SqliteLedger(path)
     await again.open()
     try:
@@ -369,15 +375,16 @@ async def test_a_process_killed_right_after_a_commit_loses_nothing(tmp_path: Pat
         """
         import asyncio, os, sys
         from pathlib import Path
-        from gateway.ledger import Debit, Grant, LedgerWrite
+        from gateway.economics import Movement
+        from gateway.ledger import Debit, LedgerWrite
         from gateway.sqlite_ledger import SqliteLedger
 
         async def main():
             ledger = SqliteLedger(Path(sys.argv[1]))
             await ledger.open()
             await ledger.commit(LedgerWrite(
-                grants=[Grant("a", "acme", 100, "initial", 1)],
-                debits=[Debit("a", "acme", 1, "x", 0, 7, 7, 1, 1)]))
+                movements=[Movement("a", "acme", "grant", 100, 1, grant_kind="initial")],
+                debits=[Debit("a", "acme", 1, "x", 0, 7, 7, 1, 1, "a")]))
             os._exit(0)
 
         asyncio.run(main())
@@ -435,8 +442,8 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     await ledger.open()
     await ledger.close()
     with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (b"2",))
-    with pytest.raises(LedgerError, match="schema 2"):
+        raw.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (b"3",))
+    with pytest.raises(LedgerError, match="schema 3"):
         await SqliteLedger(path).open()
 
 

@@ -9,18 +9,21 @@ from fractions import Fraction
 
 import pytest
 
+from gateway import economics
 from gateway.config import DEFAULT_LADDER, ThrottleStep
+from gateway.economics import Pool
 from gateway.metering import (
     Charge,
     ChargeLine,
     Device,
     attributed_time,
     charge,
-    credit,
     debit,
     decide_level,
+    device_balance,
     next_control,
     raise_highs,
+    used_now,
 )
 from gateway.wire import ControlMessage, UsageReport
 
@@ -107,12 +110,18 @@ def test_charging_in_many_small_reports_costs_what_one_big_report_costs() -> Non
 # --- H per boot epoch -------------------------------------------------------------------------
 
 
+def pool(allocation: int = 100, used: int = 0) -> Pool:
+    """A prepaid dedicated pool granted ``allocation`` and debited ``used``."""
+    granted = economics.credit(Pool("dev-1", "acme"), allocation, 0, kind="initial").pool
+    return economics.debit(granted, used)[0]
+
+
 def device(
     allocation: int = 100, used: int = 0, *, revoked: bool = False, control: bool = False
 ) -> Device:
-    dev = Device("dev-1", bytes(32), "acme", allocation, used, 0, 0, revoked)
+    dev = Device("dev-1", bytes(32), "acme", "dev-1", used, 0, 0, revoked)
     if control:
-        level = decide_level(dev, DEFAULT_LADDER)
+        level = decide_level(dev, pool(allocation, used), DEFAULT_LADDER)
         message = ControlMessage("dev-1", 7, 0, level.state, level.rate_permille, 0, level.why)
         dev = replace(dev, control=message)
     return dev
@@ -129,16 +138,25 @@ def test_highs_are_kept_per_boot_epoch_and_raised_one_epoch_at_a_time() -> None:
     assert dev.highs_of(2) == {"a_meter": 9, "b_meter": 5}  # the input is unchanged
 
 
-def test_debit_and_credit_return_new_records() -> None:
+def test_debit_returns_a_new_record_counting_in_the_pools_period() -> None:
     dev = device(100, 10)
-    debited = debit(dev, 7, T)
-    assert (debited.used, debited.balance, debited.last_report_ms, debited.updated_ms) == (
-        17, 83, T, T,
-    )  # fmt: skip
-    credited = credit(debited, 50, T + 1)
-    assert (credited.allocation, credited.balance, credited.updated_ms) == (150, 133, T + 1)
-    assert credited.last_report_ms == T
-    assert (dev.used, dev.allocation) == (10, 100)
+    debited = debit(dev, pool(100, 17), 7, T)
+    assert (debited.used, debited.last_report_ms, debited.updated_ms) == (17, T, T)
+    assert device_balance(debited, pool(100, 17)) == 83
+    assert dev.used == 10
+    next_period = replace(pool(100, 17), period_start_ms=T + 1)
+    assert used_now(debited, next_period) == 0  # a new period: the old count is stale
+    assert debit(debited, next_period, 3, T + 2).used == 3
+
+
+def test_a_cap_binds_before_the_pool() -> None:
+    capped = replace(device(100, 0), pool="@acme", cap=30, used=29)
+    shared = pool(1000, 29)
+    assert device_balance(capped, shared) == 1
+    level = decide_level(capped, shared, DEFAULT_LADDER)
+    assert (level.state, level.rate_permille) == ("throttle", 200)  # 1 of 30 is under 5%
+    blocked = decide_level(replace(capped, used=30), pool(1000, 30), DEFAULT_LADDER)
+    assert (blocked.state, blocked.why) == ("block", "cap_reached")
 
 
 # --- the throttle ladder ----------------------------------------------------------------------
@@ -165,24 +183,25 @@ def test_debit_and_credit_return_new_records() -> None:
     ],
 )
 def test_the_default_ladder(allocation: int, used: int, state: str, rate: int, why: str) -> None:
-    level = decide_level(device(allocation, used), DEFAULT_LADDER)
+    level = decide_level(device(allocation, used), pool(allocation, used), DEFAULT_LADDER)
     assert (level.state, level.rate_permille, level.why) == (state, rate, why)
 
 
 def test_a_revoked_device_is_blocked_whatever_its_balance() -> None:
-    level = decide_level(device(100, 0, revoked=True), DEFAULT_LADDER)
+    level = decide_level(device(100, 0, revoked=True), pool(100, 0), DEFAULT_LADDER)
     assert (level.state, level.rate_permille, level.why) == ("block", 0, "revoked")
 
 
 @pytest.mark.parametrize("used", [0, 50, 80, 85, 95, 99, 100])
 def test_the_ladder_does_not_depend_on_the_order_of_its_steps(used: int) -> None:
-    dev = device(100, used)
-    assert decide_level(dev, tuple(reversed(DEFAULT_LADDER))) == decide_level(dev, DEFAULT_LADDER)
+    dev, own = device(100, used), pool(100, used)
+    reverse = tuple(reversed(DEFAULT_LADDER))
+    assert decide_level(dev, own, reverse) == decide_level(dev, own, DEFAULT_LADDER)
 
 
 def test_an_empty_ladder_runs_at_full_rate_until_the_balance_is_gone() -> None:
-    assert decide_level(device(100, 99), ()).state == "ok"
-    assert decide_level(device(100, 100), ()).state == "block"
+    assert decide_level(device(100, 99), pool(100, 99), ()).state == "ok"
+    assert decide_level(device(100, 100), pool(100, 100), ()).state == "block"
 
 
 def test_a_custom_ladder_picks_the_lowest_step_reached() -> None:
@@ -191,7 +210,10 @@ def test_a_custom_ladder_picks_the_lowest_step_reached() -> None:
         ThrottleStep(Fraction(1, 4), 600),
         ThrottleStep(Fraction(1, 10), 100),
     )
-    rates = [decide_level(device(100, used), ladder).rate_permille for used in (49, 50, 75, 90)]
+    rates = [
+        decide_level(device(100, used), pool(100, used), ladder).rate_permille
+        for used in (49, 50, 75, 90)
+    ]
     assert rates == [1000, 900, 600, 100]
 
 
@@ -199,32 +221,30 @@ def test_a_custom_ladder_picks_the_lowest_step_reached() -> None:
 
 
 def test_the_first_control_message_is_number_one_and_carries_the_given_reason() -> None:
-    first = next_control(device(100), DEFAULT_LADDER, T, why="provisioned", force=True)
+    first = next_control(device(100), pool(100), DEFAULT_LADDER, T, why="provisioned", force=True)
     assert first == ControlMessage("dev-1", 1, T, "ok", 1000, 100, "provisioned")
-    assert next_control(device(100), DEFAULT_LADDER, T) is not None  # none sent yet: send one
+    assert next_control(device(100), pool(100), DEFAULT_LADDER, T) is not None  # none sent yet
 
 
 def test_no_message_is_issued_while_the_level_is_unchanged() -> None:
     dev = device(100, 10, control=True)
-    assert next_control(dev, DEFAULT_LADDER, T) is None
-    assert (
-        next_control(replace(dev, used=79), DEFAULT_LADDER, T) is None
-    )  # balance moved, level not
+    assert next_control(dev, pool(100, 10), DEFAULT_LADDER, T) is None
+    assert next_control(dev, pool(100, 79), DEFAULT_LADDER, T) is None  # balance moved, level not
 
 
 def test_a_level_change_takes_the_next_number_and_states_the_balance() -> None:
     dev = device(100, 10, control=True)
-    low = next_control(replace(dev, used=85), DEFAULT_LADDER, T + 5)
+    low = next_control(dev, pool(100, 85), DEFAULT_LADDER, T + 5)
     assert low == ControlMessage("dev-1", 8, T + 5, "throttle", 500, 15, "low_balance")
-    lower = next_control(replace(dev, used=96, control=low), DEFAULT_LADDER, T + 6)
+    lower = next_control(replace(dev, control=low), pool(100, 96), DEFAULT_LADDER, T + 6)
     assert lower == ControlMessage("dev-1", 9, T + 6, "throttle", 200, 4, "low_balance")
-    blocked = next_control(replace(dev, used=103, control=lower), DEFAULT_LADDER, T + 7)
+    blocked = next_control(replace(dev, control=lower), pool(100, 103), DEFAULT_LADDER, T + 7)
     assert blocked == ControlMessage("dev-1", 10, T + 7, "block", 0, -3, "exhausted")
 
 
 def test_force_issues_a_new_number_even_when_the_level_is_unchanged() -> None:
     dev = device(100, 10, control=True)
-    refill = next_control(dev, DEFAULT_LADDER, T, why="refill", force=True)
+    refill = next_control(dev, pool(100, 10), DEFAULT_LADDER, T, why="refill", force=True)
     assert refill is not None
     assert (refill.seq, refill.state, refill.why, refill.balance) == (8, "ok", "refill", 90)
 
@@ -232,14 +252,14 @@ def test_force_issues_a_new_number_even_when_the_level_is_unchanged() -> None:
 def test_the_given_reason_applies_only_to_an_ok_level() -> None:
     """A refill that leaves the device throttled says why it is still throttled."""
     dev = device(100, 90, control=True)
-    message = next_control(dev, DEFAULT_LADDER, T, why="refill", force=True)
+    message = next_control(dev, pool(100, 90), DEFAULT_LADDER, T, why="refill", force=True)
     assert message is not None
     assert (message.state, message.why) == ("throttle", "low_balance")
 
 
 def test_revocation_blocks_with_reason_revoked() -> None:
     dev = replace(device(100, 10, control=True), revoked=True)
-    message = next_control(dev, DEFAULT_LADDER, T, force=True)
+    message = next_control(dev, pool(100, 10), DEFAULT_LADDER, T, force=True)
     assert message is not None
     assert (message.seq, message.state, message.rate_permille, message.why) == (
         8, "block", 0, "revoked",
@@ -250,7 +270,8 @@ def test_resuming_after_a_refill_is_a_change_of_level() -> None:
     dev = device(100, 100, control=True)
     assert dev.control is not None
     assert dev.control.state == "block"
-    message = next_control(credit(dev, 100, T), DEFAULT_LADDER, T)
+    refilled = economics.credit(pool(100, 100), 100, T).pool
+    message = next_control(dev, refilled, DEFAULT_LADDER, T)
     assert message is not None
     assert (message.state, message.rate_permille, message.balance) == ("ok", 1000, 100)
 

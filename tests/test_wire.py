@@ -613,7 +613,7 @@ def test_an_accepted_vector_decodes_to_its_fields(vector: dict[str, Any]) -> Non
 def test_an_invalid_vector_is_rejected_with_its_reason(vector: dict[str, str]) -> None:
     registry = Registry()
     public = bytes.fromhex(VECTORS["device_key"]["public_key"])
-    registry.devices["dev-0001"] = Device("dev-0001", public, "acme", 100, 0, 0, 0)
+    registry.devices["dev-0001"] = Device("dev-0001", public, "acme", "dev-0001", 0, 0, 0)
     outcome = verify(vector["device"], bytes.fromhex(vector["envelope"]), registry)
     assert isinstance(outcome, Rejected)
     assert outcome.rejection.reason.value == vector["reason"]
