@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException
 
 import gateway
+from gateway.api_accounts import PoolBody, build_router, pool_settings
 from gateway.errors import AdminError, BadRequest, LedgerError
 from gateway.ledger import UsageQuery
 from gateway.service import MAX_TOKENS, MeteringService
@@ -53,6 +54,16 @@ class NewDevice(BaseModel):
         StrictStr | None,
         Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"),
     ] = None
+    pool: Literal["dedicated", "shared"] = Field(
+        default="dedicated",
+        description="draw from its own allocation, or from the account's shared pool",
+    )
+    cap: Annotated[
+        int | None, Field(strict=True, ge=0, le=MAX_TOKENS), BeforeValidator(_whole_number)
+    ] = Field(default=None, description="shared pool only: tokens per period, at most")
+    allocation: PoolBody | None = Field(
+        default=None, description="dedicated pool only: policy, period, alerts, top-up"
+    )
 
 
 class Refill(BaseModel):
@@ -72,6 +83,14 @@ class DeviceView(BaseModel):
     balance: int
     allocation: int
     used: int
+    pool: Literal["dedicated", "shared"]
+    policy: str
+    cap: int | None
+    pool_balance: int
+    pool_used: int
+    overage: int
+    period_start: str | None
+    period_end: str | None
     revoked: bool
     public_key: str
     control_seq: int
@@ -132,13 +151,20 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
             raise HTTPException(401, "missing or wrong bearer token")
 
     auth = [Depends(authorized)]
+    app.include_router(build_router(service, auth))
 
     @app.post("/v1/devices", status_code=201, dependencies=auth, response_model=DeviceView,
               responses={409: {"model": ErrorReply}})  # fmt: skip
     async def add_device(body: NewDevice) -> dict[str, Any]:
         """Provision a device with an initial allocation of tokens."""
         key = _public_key(body.public_key)
-        device = await service.provision(body.id, key, body.tokens, body.account)
+        if body.pool == "dedicated" and body.cap is not None:
+            raise BadRequest("cap applies to a device on a shared pool")
+        settings = None if body.allocation is None else pool_settings(body.allocation)
+        device = await service.provision(
+            body.id, key, body.tokens, body.account,
+            shared=body.pool == "shared", cap=body.cap, settings=settings,
+        )  # fmt: skip
         return service.state(device.id)
 
     @app.get("/v1/devices", dependencies=auth, response_model=list[DeviceView])

@@ -35,10 +35,10 @@ of their own are forfeited except up to ``rollover_cap`` tokens, which carry ove
 keep it; then the period's ``tokens`` are granted. A prepaid debt carries over.
 
 **Alerts.** ``thresholds`` are shares of the allocation used; each fires at most once
-per period, when ``used`` first reaches it (edge-triggered, so a replayed report, which
-debits nothing, cannot fire one again). **Top-up**: when the balance falls below
-``floor`` the pool is granted ``tokens``, once per crossing: the rule re-arms only when
-the balance is back at or above the floor.
+per period, when ``used`` first reaches it (``0%``: at the first token; edge-triggered,
+so a replayed report, which debits nothing, cannot fire one again). **Top-up**: when
+the balance falls below ``floor`` the pool is granted ``tokens``, once per crossing: the
+rule re-arms only when the balance is back at or above the floor.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
     fired = list(pool.fired)
     if pool.allocation > 0:
         for share in sorted(pool.thresholds):
-            if share not in fired and pool.used >= share * pool.allocation:
+            if share not in fired and 0 < pool.used >= share * pool.allocation:
                 fired.append(share)
                 alerts.append(
                     Alert("threshold", pool.key, now_ms, _details(

@@ -56,7 +56,7 @@ from gateway.metering import Device, next_control
 from gateway.metrics import Metrics
 from gateway.mqtt import Incoming
 from gateway.topics import Topics
-from gateway.views import Event, device_state, state_json
+from gateway.views import Event, device_state, pool_view, state_json
 from gateway.wire import ControlMessage, UsageReport, is_device_id, sign_control
 
 log = logging.getLogger("tokenwell.gateway")
@@ -517,6 +517,31 @@ class MeteringService:
     def pool(self, pool_key: str) -> Pool:
         """A pool's current state; raises NotFound."""
         return self._existing_pool(pool_key)
+
+    def pool_view(self, pool_key: str) -> dict[str, object]:
+        """A pool as the admin API shows it; raises NotFound."""
+        return pool_view(self._existing_pool(pool_key), self.registry.members_of(pool_key))
+
+    def device_pool(self, device_id: str) -> str:
+        """The key of the pool ``device_id`` draws from; raises NotFound."""
+        return self._existing(device_id).pool
+
+    def accounts(self) -> list[dict[str, object]]:
+        """Every account (of a device or a shared pool): its devices and whether it has a
+        shared pool."""
+        devices: dict[str, list[str]] = {}
+        for device in self.registry.devices.values():
+            devices.setdefault(device.account, []).append(device.id)
+        for pool in self.registry.pools.values():
+            devices.setdefault(pool.account, [])
+        return [
+            {
+                "account": account,
+                "devices": sorted(ids),
+                "shared_pool": shared_pool_key(account) in self.registry.pools,
+            }
+            for account, ids in sorted(devices.items())
+        ]
 
     def state(self, device_id: str) -> dict[str, object]:
         """The device's fleet-state document."""

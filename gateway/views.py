@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.economics import Pool
 from gateway.metering import Device, device_balance, used_now
+from gateway.pricing import format_price
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -84,3 +86,42 @@ def parse_time(text: str) -> int:
         moment = moment.replace(tzinfo=dt.UTC)
     # Exact, rounding down: ``timestamp() * 1000`` goes through a float.
     return (moment - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def pool_view(pool: Pool, devices: Iterable[str]) -> dict[str, Any]:
+    """A pool as the admin API shows it: settings, the current period's numbers, live
+    grants in burn order, and the devices drawing from it."""
+    period = pool.period
+    topup = pool.topup
+    return {
+        "pool": "shared" if pool.shared else "dedicated",
+        "account": pool.account,
+        "device": None if pool.shared else pool.key,
+        "policy": pool.policy,
+        "overage_cap": pool.overage_cap,
+        "period": None if period is None else {
+            "unit": period.unit, "anchor": rfc3339(period.anchor_ms), "tokens": period.tokens,
+            "rollover_cap": period.rollover_cap,
+        },
+        "period_start": rfc3339(pool.period_start_ms) if period else None,
+        "period_end": rfc3339(pool.period_end_ms),
+        "allocation": pool.allocation,
+        "used": pool.used,
+        "balance": pool.balance,
+        "overage": pool.overage,
+        "settled": pool.settled,
+        "forfeited": pool.forfeited,
+        "grants": [
+            {
+                "seq": g.seq, "kind": g.kind, "tokens": g.tokens, "remaining": g.remaining,
+                "priority": g.priority, "expires_at": rfc3339(g.expires_ms),
+                "created_at": rfc3339(g.created_ms),
+            }
+            for g in sorted(pool.grants, key=lambda g: g.burn_key)
+        ],
+        "thresholds": [f"{format_price(t * 100)}%" for t in pool.thresholds],
+        "fired": [f"{format_price(t * 100)}%" for t in pool.fired],
+        "topup": None if topup is None else {"floor": topup.floor, "tokens": topup.tokens},
+        "topup_armed": pool.topup_armed,
+        "devices": sorted(devices),
+    }  # fmt: skip

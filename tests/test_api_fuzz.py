@@ -40,9 +40,16 @@ def test_no_request_yields_a_server_error_or_breaks_the_contract(
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     for operation in operations:
-        # since/until are free-form times (RFC 3339, a date, or ms), checked beyond the
-        # schema's pattern: a well-formed but impossible date is a fair 422.
-        lenient = [positive_data_acceptance] if operation.path == "/v1/usage" else []
+        # Some valid-looking inputs are checked beyond the schema, and a 422 is fair:
+        # since/until/anchor/expires_at are free-form times (an impossible date, an expiry
+        # in the past), and pool settings and device pool choices combine (overage_cap
+        # only under the overage policy, a cap only on a shared pool, no tokens there).
+        beyond_schema = (
+            operation.path == "/v1/usage"
+            or operation.path.endswith(("/pool", "/allocation", "/grants"))
+            or (operation.path, operation.method.upper()) == ("/v1/devices", "POST")
+        )
+        lenient = [positive_data_acceptance] if beyond_schema else []
         fuzz(operation, lenient)
 
 
