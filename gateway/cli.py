@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gateway import cli_accounts
 from gateway.client import AdminClient, ApiRefused, find_token
 from gateway.config import DEFAULT_PREFIX, load_settings
 from gateway.errors import TokenwellError, first_leaf
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--public-key", required=True, help="Ed25519 public key, 64 hex digits")
     add.add_argument("--tokens", type=int, required=True, help="initial allocation")
     add.add_argument("--account", help="owning account (default: the device id)")
+    add.add_argument("--shared", action="store_true", help="draw from the account's shared pool"
+                     " (create it with: tokenwell pool set --account ACCOUNT)")  # fmt: skip
+    add.add_argument("--cap", type=int, help="with --shared: tokens per period, at most")
+    add.add_argument("--policy", choices=["prepaid", "overage", "payg"],
+                     help="of its own allocation (default prepaid)")  # fmt: skip
+    add.add_argument("--overage-cap", type=int, help="with --policy overage: tokens past zero")
     devices.add_parser("list", help="list devices")
     devices.add_parser("show", help="show one device").add_argument("id")
     devices.add_parser("revoke", help="revoke a device").add_argument("id")
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     refill.add_argument("id")
     refill.add_argument("tokens", type=int)
     refill.add_argument("--idempotency-key", help="a retry with the same key credits once")
+
+    cli_accounts.add_commands(commands, _Parser)
 
     usage = commands.add_parser("usage", help="who used what, over what time frame")
     usage.add_argument("--device")
@@ -114,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
+        if args.command in cli_accounts.COMMANDS:
+            with _client(args) as client:
+                return cli_accounts.COMMANDS[args.command](args, client)
         command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
         return command(args)
     except ApiRefused as exc:
@@ -148,7 +160,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "add":
-            _print_device(client.add_device(args.id, args.public_key, args.tokens, args.account))
+            _print_device(client.add_device(
+                args.id, args.public_key, args.tokens, args.account,
+                pool="shared" if args.shared else None, cap=args.cap,
+                allocation=_allocation(args),
+            ))  # fmt: skip
         elif args.action == "list":
             _print_table(client.devices())
         elif args.action == "show":
@@ -156,6 +172,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
         else:
             _print_device(client.revoke(args.id))
     return 0
+
+
+def _allocation(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The dedicated allocation's settings given to ``devices add``, if any."""
+    if args.policy is None and args.overage_cap is None:
+        return None
+    return {"policy": args.policy or "prepaid", "overage_cap": args.overage_cap or 0}
 
 
 def cmd_refill(args: argparse.Namespace) -> int:
@@ -218,10 +241,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 _DEVICE_FIELDS = ("device", "account", "state", "rate_permille", "balance", "allocation", "used")
+_MORE_FIELDS = ("pool", "policy", "cap", "overage", "period_end", "public_key", "last_report_at")
 
 
 def _print_device(device: dict[str, Any]) -> None:
-    for key in (*_DEVICE_FIELDS, "public_key", "last_report_at", "updated_at"):
+    for key in (*_DEVICE_FIELDS, *_MORE_FIELDS, "updated_at"):
         print(f"{key:>15}: {device.get(key)}")
 
 

@@ -75,11 +75,19 @@ class AdminClient:
         return reply.json()
 
     def add_device(
-        self, device: str, public_key: str, tokens: int, account: str | None = None
+        self,
+        device: str,
+        public_key: str,
+        tokens: int,
+        account: str | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
+        """Provision ``device``; ``options`` are further body fields (``pool``, ``cap``,
+        ``allocation``), left out when None."""
         body: dict[str, Any] = {"id": device, "public_key": public_key, "tokens": tokens}
         if account:
             body["account"] = account
+        body.update((k, v) for k, v in options.items() if v is not None)
         result: dict[str, Any] = self._call("POST", "/v1/devices", json=body)
         return result
 
@@ -108,6 +116,19 @@ class AdminClient:
         params = {k: v for k, v in filters.items() if v is not None}
         result: dict[str, Any] = self._call("GET", "/v1/usage", params=params)
         return result
+
+    def get(self, path: str) -> Any:
+        """``GET path`` (under the API's base URL): the decoded JSON reply."""
+        return self._call("GET", path)
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        """``PUT path`` with a JSON body: the decoded JSON reply."""
+        return self._call("PUT", path, json=body)
+
+    def post(self, path: str, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        """``POST path`` with a JSON body (and an ``Idempotency-Key``): the JSON reply."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", path, json=body, headers=headers)
 
     def gateway_key(self) -> str:
         return str(self._call("GET", "/v1/gateway")["public_key"])
