@@ -56,6 +56,7 @@ POLICIES: tuple[Policy, ...] = ("prepaid", "overage", "payg")
 PeriodUnit = Literal["day", "week", "month"]
 PERIOD_UNITS: tuple[PeriodUnit, ...] = ("day", "week", "month")
 GrantKind = Literal["initial", "refill", "grant", "topup", "period", "rollover"]
+GRANT_KINDS: tuple[GrantKind, ...] = ("initial", "refill", "grant", "topup", "period", "rollover")
 MovementKind = Literal["grant", "settle", "forfeit"]
 
 _DAY_MS = 86_400_000
@@ -304,6 +305,10 @@ def debit(pool: Pool, tokens: int) -> tuple[Pool, Burn]:
 def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
     """Thresholds crossed and the automatic top-up due after debits (call once per batch
     or per report: both are edge-triggered, so calling again changes nothing)."""
+    rule = pool.topup
+    topup_due = rule is not None and pool.topup_armed and pool.balance < rule.floor
+    if not topup_due and len(pool.fired) == len(pool.thresholds):
+        return Outcome(pool)  # the common case, kept cheap: it runs for every batch
     alerts: list[Alert] = []
     fired = list(pool.fired)
     if pool.allocation > 0:
@@ -317,8 +322,7 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
                     ))
                 )  # fmt: skip
     outcome = Outcome(replace(pool, fired=tuple(fired)), (), tuple(alerts))
-    rule = pool.topup
-    if rule is not None and pool.topup_armed and pool.balance < rule.floor:
+    if rule is not None and topup_due:
         disarmed = replace(outcome.pool, topup_armed=False)
         topped = credit(disarmed, rule.tokens, now_ms, kind="topup")
         alert = Alert("topup", pool.key, now_ms, _details(
@@ -333,6 +337,8 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
 
 def advance(pool: Pool, now_ms: int) -> Outcome:
     """Apply, in time order, every grant expiry and period boundary at or before ``now_ms``."""
+    if not is_due(pool, now_ms):
+        return Outcome(pool)  # the common case, kept cheap: it runs for every batch
     outcome = Outcome(pool)
     for _ in range(MAX_CATCH_UP):
         pool = outcome.pool
@@ -347,6 +353,13 @@ def advance(pool: Pool, now_ms: int) -> Outcome:
         else:
             outcome = outcome.then(_reset(pool, at))
     return outcome.then(_skip_to(outcome.pool, now_ms))
+
+
+def is_due(pool: Pool, now_ms: int) -> bool:
+    """Whether a period boundary or a grant expiry of ``pool`` has come by ``now_ms``."""
+    if pool.period_end_ms is not None and pool.period_end_ms <= now_ms:
+        return True
+    return any(g.expires_ms is not None and g.expires_ms <= now_ms for g in pool.grants)
 
 
 def _expire(pool: Pool, at_ms: int) -> Outcome:

@@ -37,6 +37,7 @@ from gateway.economics import (
     advance,
     configure,
     credit,
+    is_due,
     shared_pool_key,
 )
 from gateway.errors import BadRequest, Conflict, LedgerError, NotFound
@@ -485,7 +486,7 @@ class MeteringService:
         """Apply grant expiries and period resets that are due, with their control
         messages (``period_reset``) and events. Called every fleet-state interval."""
         now = self._clock()
-        due = [key for key, pool in self.registry.pools.items() if _due(pool, now)]
+        due = [key for key, pool in self.registry.pools.items() if is_due(pool, now)]
         if not due:
             return
         async with self._lock:
@@ -583,13 +584,6 @@ def _check_tokens(tokens: object, *, allow_zero: bool, name: str = "tokens") -> 
     if type(tokens) is not int or tokens < (0 if allow_zero else 1) or tokens > MAX_TOKENS:
         low = 0 if allow_zero else 1
         raise BadRequest(f"{name} must be a whole number from {low} to {MAX_TOKENS}")
-
-
-def _due(pool: Pool, now_ms: int) -> bool:
-    """Whether a period boundary or a grant expiry of ``pool`` has come."""
-    if pool.period_end_ms is not None and pool.period_end_ms <= now_ms:
-        return True
-    return any(g.expires_ms is not None and g.expires_ms <= now_ms for g in pool.grants)
 
 
 async def _get_or_stop(queue: asyncio.Queue[Incoming], stopping: asyncio.Event) -> Incoming | None:

@@ -17,20 +17,29 @@ to 2**63 in two boot epochs would otherwise break every usage query).
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgpack
 
-from gateway.economics import GrantState, Movement, PeriodRule, Pool, TopUpRule
+from gateway.economics import (
+    GRANT_KINDS,
+    POLICIES,
+    GrantKind,
+    GrantState,
+    Movement,
+    PeriodRule,
+    Policy,
+    Pool,
+    TopUpRule,
+)
 from gateway.errors import InvalidMessage, LedgerError
 from gateway.ledger import Debit, HighMark, LedgerWrite, Snapshot, UsageQuery, UsageRow
 from gateway.metering import Device
-from gateway.pricing import format_price, parse_price
 from gateway.wire import ControlMessage
 
 SCHEMA_VERSION = 2
@@ -50,7 +59,7 @@ CREATE TABLE IF NOT EXISTS highs (
     PRIMARY KEY (device, boot, meter)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pools (
-    key TEXT PRIMARY KEY, account TEXT NOT NULL, state TEXT NOT NULL
+    key TEXT PRIMARY KEY, account TEXT NOT NULL, state BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS debits (
     seq INTEGER PRIMARY KEY, device TEXT NOT NULL, account TEXT NOT NULL,
@@ -111,9 +120,12 @@ def device_row(device: Device) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def device_from_row(row: tuple[Any, ...]) -> Device:
-    """The inverse of :func:`device_row`."""
+def device_from_row(row: tuple[Any, ...], names: dict[str, str] | None = None) -> Device:
+    """The inverse of :func:`device_row`; ``names`` shares equal account strings."""
     (id_, key, account, pool, used, created, updated, revoked, last, *ctl) = row
+    if names is not None:
+        account = names.setdefault(account, account)
+        pool = id_ if pool == id_ else names.setdefault(pool, pool)
     *ctl, sent, cap, period_ms = ctl
     control = None
     if ctl[0] is not None:
@@ -125,29 +137,48 @@ def device_from_row(row: tuple[Any, ...]) -> Device:
     )  # fmt: skip
 
 
-def pool_state(pool: Pool) -> str:
-    """A :class:`Pool` as JSON text (exact: integers and fraction strings only)."""
-    state = asdict(pool)
-    state["thresholds"] = [format_price(t) for t in pool.thresholds]
-    state["fired"] = [format_price(t) for t in pool.fired]
-    return json.dumps(state, separators=(",", ":"))
+# What a refused write or a corrupt record raises (a value too big for SQLite, a bad
+# stored control message, a pool record that does not decode).
+_STORAGE_ERRORS = (sqlite3.Error, OverflowError, InvalidMessage, ValueError, KeyError, TypeError)
+_POLICY: dict[str, Policy] = {p: p for p in POLICIES}
+_KIND: dict[str, GrantKind] = {k: k for k in GRANT_KINDS}
 
 
-def pool_from_state(text: str) -> Pool:
-    """The inverse of :func:`pool_state`."""
-    state = json.loads(text)
-    period = state["period"]
-    topup = state["topup"]
+def pool_state(pool: Pool) -> bytes:
+    """A :class:`Pool` as compact msgpack (a list in field order; exact integers and
+    fractions): thousands are written per second and 100,000 read at start-up."""
+    period = pool.period
+    topup = pool.topup
+    packed: bytes = msgpack.packb([
+        pool.key, pool.account, pool.policy, pool.overage_cap,
+        None if period is None else [period.unit, period.anchor_ms, period.tokens,
+                                     period.rollover_cap],
+        pool.period_start_ms, pool.period_end_ms, pool.allocation, pool.used, pool.settled,
+        pool.forfeited, pool.overage,
+        [[g.seq, g.kind, g.tokens, g.remaining, g.priority, g.expires_ms, g.created_ms]
+         for g in pool.grants],
+        [[t.numerator, t.denominator] for t in pool.thresholds],
+        [[t.numerator, t.denominator] for t in pool.fired],
+        None if topup is None else [topup.floor, topup.tokens],
+        pool.topup_armed, pool.next_seq,
+    ])  # fmt: skip
+    return packed
+
+
+def pool_from_state(data: bytes, names: dict[str, str]) -> Pool:
+    """The inverse of :func:`pool_state`. ``names`` shares equal strings (ids, policy and
+    grant kinds) between records: 100,000 copies of ``"acme"`` cost 5 MB."""
+    (key, account, policy, cap, period, start, end, allocation, used, settled, forfeited,
+     overage, grants, thresholds, fired, topup, armed, seq) = msgpack.unpackb(data)  # fmt: skip
     return Pool(
-        **{
-            **state,
-            "period": PeriodRule(**period) if period else None,
-            "topup": TopUpRule(**topup) if topup else None,
-            "grants": tuple(GrantState(**g) for g in state["grants"]),
-            "thresholds": tuple(parse_price(t) for t in state["thresholds"]),
-            "fired": tuple(parse_price(t) for t in state["fired"]),
-        }
-    )
+        names.setdefault(key, key), names.setdefault(account, account),
+        _POLICY[policy], cap,
+        None if period is None else PeriodRule(*period), start, end, allocation, used,
+        settled, forfeited, overage,
+        tuple(GrantState(g[0], _KIND[g[1]], *g[2:]) for g in grants),
+        tuple(Fraction(n, d) for n, d in thresholds), tuple(Fraction(n, d) for n, d in fired),
+        None if topup is None else TopUpRule(*topup), armed, seq,
+    )  # fmt: skip
 
 
 class SqliteLedger:
@@ -218,7 +249,14 @@ class SqliteLedger:
         """Raise sqlite3's errors (and a value too big for SQLite) as LedgerError."""
         try:
             yield
-        except (sqlite3.Error, OverflowError, InvalidMessage) as exc:
+        except (
+            sqlite3.Error,
+            OverflowError,
+            InvalidMessage,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:
             raise LedgerError(f"ledger {self.path}: {doing}: {exc}") from None
 
     @property
@@ -239,8 +277,9 @@ class SqliteLedger:
                 devices = [device_from_row(tuple(row)) for row in await cursor.fetchall()]
             async with self._w.execute("SELECT device, boot, meter, high FROM highs") as cursor:
                 highs = [HighMark(*row) for row in await cursor.fetchall()]
+            names = {d.id: d.id for d in devices} | {d.account: d.account for d in devices}
             async with self._w.execute("SELECT state FROM pools") as cursor:
-                pools = [pool_from_state(row[0]) for row in await cursor.fetchall()]
+                pools = [pool_from_state(row[0], names) for row in await cursor.fetchall()]
         return Snapshot(devices, highs, pools)
 
     async def commit(self, write: LedgerWrite) -> None:

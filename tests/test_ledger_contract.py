@@ -12,12 +12,14 @@ import sqlite3
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.economics import GrantKind, Movement
+from gateway.economics import GrantKind, GrantState, Movement, PeriodRule, Pool, TopUpRule
 from gateway.errors import LedgerError
 from gateway.ledger import (
     Debit,
@@ -459,3 +461,18 @@ async def test_a_corrupt_stored_control_message_is_a_ledger_error_on_load(tmp_pa
             await ledger.load()
     finally:
         await ledger.close()
+
+
+async def test_pools_are_upserted_and_come_back_whole(ledger: Ledger) -> None:
+    grants = (GrantState(3, "rollover", 30, 12, 0, T0 + DAY, T0),
+              GrantState(5, "grant", 2**62, 2**62 - 1, 1000, None, T0 + 1))  # fmt: skip
+    pool = Pool(
+        "@acme", "acme", "overage", 50, PeriodRule("month", T0 - 31 * DAY, 100, 30), T0,
+        T0 + DAY, 2**62 + 30, 20, 5, 3, 4, grants, (Fraction(1, 2), Fraction(1, 3)),
+        (Fraction(1, 3),), TopUpRule(10, 100), False, 7,
+    )  # fmt: skip
+    simple = Pool("a", "acme")
+    await ledger.commit(LedgerWrite(pools=[pool, simple]))
+    changed = replace(simple, used=9, grants=(), next_seq=2)
+    await ledger.commit(LedgerWrite(pools=[changed]))
+    assert sorted((await ledger.load()).pools, key=lambda p: p.key) == [pool, changed]
