@@ -23,7 +23,7 @@ from gateway.config import ThrottleStep
 from gateway.economics import Alert, Outcome, Pool, advance, after_debit, pool_limit
 from gateway.economics import debit as debit_pool
 from gateway.errors import Reason, Rejection
-from gateway.ledger import Debit, HighMark, LedgerWrite
+from gateway.ledger import Debit, Evidence, HighMark, LedgerWrite
 from gateway.metering import (
     Device,
     attributed_time,
@@ -147,15 +147,30 @@ class BatchResult:
 
 
 def charge_batch(
-    items: Sequence[UsageReport | Rejected], registry: Registry, pricing: Pricing, now_ms: int
+    items: Sequence[UsageReport | Rejected],
+    registry: Registry,
+    pricing: Pricing,
+    now_ms: int,
+    payloads: Sequence[bytes] | None = None,
 ) -> BatchResult:
-    """Charge ``items`` in order against ``registry`` without mutating it."""
+    """Charge ``items`` in order against ``registry`` without mutating it.
+
+    ``payloads`` (the envelopes as received, one per item) are kept as statement
+    evidence: per device, boot epoch and hour, the latest report that charged.
+    """
     result = BatchResult()
-    for item in items:
+    evidence: dict[tuple[str, int, int], Evidence] = {}
+    for index, item in enumerate(items):
         if isinstance(item, Rejected):
             _reject(item, now_ms, result)
-        else:
-            _charge_one(item, registry, pricing, now_ms, result)
+            continue
+        at_ms = _charge_one(item, registry, pricing, now_ms, result)
+        if at_ms is not None and payloads is not None:
+            hour = at_ms - at_ms % 3_600_000
+            key = (item.device, item.boot, hour)
+            if key not in evidence or evidence[key].n < item.number:
+                evidence[key] = Evidence(item.device, item.boot, item.number, hour, payloads[index])
+    result.write.evidence.extend(evidence.values())
     _settle_pools(result, registry, pricing, now_ms)
     return result
 
@@ -247,12 +262,14 @@ def _settle_pools(result: BatchResult, registry: Registry, pricing: Pricing, now
 
 def _charge_one(
     report: UsageReport, registry: Registry, pricing: Pricing, now_ms: int, result: BatchResult
-) -> None:
+) -> int | None:
+    """Charge one report into ``result``; returns the time its usage is attributed to
+    when it charged (raised a counter), else None."""
     device = result.devices.get(report.device) or registry.devices.get(report.device)
     if device is None or device.revoked:  # revoked or removed since verification
         reason = Reason.REVOKED_DEVICE if device else Reason.UNKNOWN_DEVICE
         _reject(Rejected(report.device, Rejection(reason)), now_ms, result)
-        return
+        return None
     pool = _advanced_pool(device.pool, registry, now_ms, result)
     highs = device.highs_of(report.boot)
     outcome = charge(report, highs, pricing.prices)
@@ -261,13 +278,13 @@ def _charge_one(
         # a broken or hostile device can, and must be refused rather than stop the gateway.
         detail = f"used would pass {MAX_UINT} tokens"
         _reject(Rejected(device.id, Rejection(Reason.OUT_OF_RANGE, detail)), now_ms, result)
-        return
+        return None
     for meter in outcome.unpriced:
         result.events.append(Event("unpriced_meter", device.id, now_ms, {"meter": meter}))
     if not outcome.lines:
         result.duplicates += 1
         result.devices[device.id] = replace(device, last_report_ms=now_ms)
-        return
+        return None
     result.charged += 1
     result.tokens += outcome.tokens
     at_ms = attributed_time(report.device_time_ms, now_ms, pricing.device_clock_max_age_ms)
@@ -288,6 +305,7 @@ def _charge_one(
     raised = raise_highs(device, report.boot, {line.meter: line.to_units for line in outcome.lines})
     debited = debit(raised, pool, outcome.tokens, now_ms)
     result.devices[device.id] = _with_control(debited, pool, pricing, now_ms, result)
+    return at_ms
 
 
 def _with_control(

@@ -57,6 +57,19 @@ class Debit:
     overage: int = 0  # of ``tokens``, those past the pool's zero (billed as overage)
 
 
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """A device-signed usage report kept as evidence for statements: per device, boot
+    epoch and UTC hour (of the usage's attributed time), the latest report that charged.
+    ``envelope`` is exactly the bytes received."""
+
+    device: str
+    boot: int
+    n: int
+    hour_ms: int
+    envelope: bytes
+
+
 @dataclass(slots=True)
 class LedgerWrite:
     """Everything one transaction changes. Devices are written whole (upsert)."""
@@ -66,9 +79,13 @@ class LedgerWrite:
     highs: list[HighMark] = field(default_factory=list)
     debits: list[Debit] = field(default_factory=list)
     movements: list[Movement] = field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)  # kept unless a later n is
 
     def __bool__(self) -> bool:
-        return bool(self.devices or self.pools or self.highs or self.debits or self.movements)
+        return bool(
+            self.devices or self.pools or self.highs or self.debits or self.movements
+            or self.evidence
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +142,10 @@ class Ledger(Protocol):
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]: ...
 
+    async def evidence(self, devices: Sequence[str], before_ms: int) -> list[Evidence]:
+        """Per (device, boot epoch) of ``devices``, the evidence with the greatest ``n``
+        among those attributed to an hour before ``before_ms``."""
+
     async def totals(self, pool: str) -> tuple[int, int]:
         """``(grants + settles - forfeits, debits)`` of ``pool``: their difference is the
         pool's balance (the conservation invariant's two sides)."""
@@ -161,6 +182,7 @@ class MemoryLedger:
         self.highs: dict[tuple[str, int, str], int] = {}
         self.debits: list[Debit] = []
         self.movements: list[Movement] = []
+        self.kept: dict[tuple[str, int, int], Evidence] = {}
         self.meta: dict[str, bytes] = {}
         self.commits = 0
 
@@ -181,6 +203,10 @@ class MemoryLedger:
         self.highs.update(((h.device, h.boot, h.meter), h.high) for h in write.highs)
         self.debits.extend(write.debits)
         self.movements.extend(write.movements)
+        for item in write.evidence:
+            key = (item.device, item.boot, item.hour_ms)
+            if key not in self.kept or self.kept[key].n < item.n:
+                self.kept[key] = item
         self.commits += 1
 
     def _check(self, write: LedgerWrite) -> None:
@@ -211,6 +237,17 @@ class MemoryLedger:
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
         return summarize(filter_debits(self.debits, query), query.bucket)
+
+    async def evidence(self, devices: Sequence[str], before_ms: int) -> list[Evidence]:
+        best: dict[tuple[str, int], Evidence] = {}
+        wanted = set(devices)
+        for item in self.kept.values():
+            key = (item.device, item.boot)
+            if item.device not in wanted or item.hour_ms >= before_ms:
+                continue
+            if key not in best or best[key].n < item.n:
+                best[key] = item
+        return [best[key] for key in sorted(best)]
 
     async def totals(self, pool: str) -> tuple[int, int]:
         sign = {"grant": 1, "settle": 1, "forfeit": -1}

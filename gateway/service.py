@@ -198,7 +198,9 @@ class MeteringService:
             if not batch:
                 return
             async with self._lock:
-                result = charge_batch(items, self.registry, self.pricing, self._clock())
+                payloads = [message.payload for message in batch]
+                now = self._clock()
+                result = charge_batch(items, self.registry, self.pricing, now, payloads)
                 await self._commit(result.write, stopping)
                 self.registry.apply(result.devices, result.pools.values())
             assert self._mqtt is not None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,15 @@ from gateway.economics import (
     TopUpRule,
 )
 from gateway.errors import InvalidMessage, LedgerError
-from gateway.ledger import Debit, HighMark, LedgerWrite, Snapshot, UsageQuery, UsageRow
+from gateway.ledger import (
+    Debit,
+    Evidence,
+    HighMark,
+    LedgerWrite,
+    Snapshot,
+    UsageQuery,
+    UsageRow,
+)
 from gateway.metering import Device
 from gateway.wire import ControlMessage
 
@@ -72,6 +80,11 @@ CREATE TABLE IF NOT EXISTS debits (
 CREATE INDEX IF NOT EXISTS debits_at ON debits (at_ms);
 CREATE INDEX IF NOT EXISTS debits_device_at ON debits (device, at_ms);
 CREATE INDEX IF NOT EXISTS debits_pool ON debits (pool);
+CREATE TABLE IF NOT EXISTS evidence (
+    device TEXT NOT NULL, boot INTEGER NOT NULL, hour_ms INTEGER NOT NULL,
+    n INTEGER NOT NULL, envelope BLOB NOT NULL,
+    PRIMARY KEY (device, boot, hour_ms)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS movements (
     seq INTEGER PRIMARY KEY, pool TEXT NOT NULL, account TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('grant', 'settle', 'forfeit')),
@@ -88,6 +101,11 @@ _DEVICE_COLUMNS = (
 )
 _UPSERT_DEVICE = (
     f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+)
+_KEEP_EVIDENCE = (
+    "INSERT INTO evidence (device, boot, hour_ms, n, envelope) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device, boot, hour_ms) DO UPDATE SET n = excluded.n,"
+    " envelope = excluded.envelope WHERE excluded.n > evidence.n"
 )
 _UPSERT_POOL = "INSERT OR REPLACE INTO pools (key, account, state) VALUES (?, ?, ?)"
 _UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high) VALUES (?, ?, ?, ?)"
@@ -308,6 +326,9 @@ class SqliteLedger:
             await conn.executemany(_INSERT_DEBIT, [_debit_row(d) for d in write.debits])
         if write.movements:
             await conn.executemany(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])
+        if write.evidence:
+            kept = [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence]
+            await conn.executemany(_KEEP_EVIDENCE, kept)
 
     async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
         sql = (
@@ -334,6 +355,20 @@ class SqliteLedger:
             UsageRow(b, device, account, meter, (u_hi << 32) + u_lo, (t_hi << 32) + t_lo)
             for b, device, account, meter, u_hi, u_lo, t_hi, t_lo in rows
         ]
+
+    async def evidence(self, devices: Sequence[str], before_ms: int) -> list[Evidence]:
+        # SQLite's MAX() picks the other columns from the row holding the maximum.
+        sql = (
+            "SELECT device, boot, MAX(n), hour_ms, envelope FROM evidence"
+            " WHERE device = ? AND hour_ms < ? GROUP BY boot ORDER BY boot"
+        )
+        found: list[Evidence] = []
+        with self._translated("cannot read evidence"):
+            for device in sorted(set(devices)):
+                async with self._r.execute(sql, (device, before_ms)) as cursor:
+                    rows = await cursor.fetchall()
+                found.extend(Evidence(d, b, n, h, bytes(e)) for d, b, n, h, e in rows)
+        return found
 
     async def totals(self, pool: str) -> tuple[int, int]:
         sums = []

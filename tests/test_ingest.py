@@ -24,7 +24,7 @@ from gateway.ingest import (
     transition_event,
     verify,
 )
-from gateway.ledger import Debit, HighMark
+from gateway.ledger import Debit, Evidence, HighMark
 from gateway.metering import Device, next_control
 from gateway.topics import Topics
 from gateway.views import Event, device_state, parse_time, rfc3339, state_json
@@ -362,3 +362,23 @@ def test_every_millisecond_survives_formatting_and_parsing() -> None:
         assert parse_time(text) == ms
     assert rfc3339(None) is None
     assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_the_latest_charging_report_per_device_epoch_and_hour_is_kept_as_evidence() -> None:
+    items: list[UsageReport | Rejected] = [
+        report({"api_calls": 100}, n=1),
+        report({"api_calls": 300}, n=3),
+        report({"api_calls": 200}, n=2),  # late: charges nothing, is no evidence
+        report({"api_calls": 50}, boot=2, n=1),
+        report({"api_calls": 7}, device="dev-2", n=4),
+        Rejected("dev-2", Rejection(Reason.MALFORMED)),
+    ]
+    payloads = [f"payload-{i}".encode() for i in range(len(items))]
+    result = charge_batch(items, registry(), PRICING, NOW, payloads)
+    hour = T - T % 3_600_000
+    assert sorted(result.write.evidence, key=lambda e: (e.device, e.boot)) == [
+        Evidence("dev-1", 1, 3, hour, b"payload-1"),
+        Evidence("dev-1", 2, 1, hour, b"payload-3"),
+        Evidence("dev-2", 1, 4, hour, b"payload-4"),
+    ]
+    assert charge_batch(items, registry(), PRICING, NOW).write.evidence == []

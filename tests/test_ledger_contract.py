@@ -23,6 +23,7 @@ from gateway.economics import GrantKind, GrantState, Movement, PeriodRule, Pool,
 from gateway.errors import LedgerError
 from gateway.ledger import (
     Debit,
+    Evidence,
     HighMark,
     Ledger,
     LedgerWrite,
@@ -476,3 +477,20 @@ async def test_pools_are_upserted_and_come_back_whole(ledger: Ledger) -> None:
     changed = replace(simple, used=9, grants=(), next_seq=2)
     await ledger.commit(LedgerWrite(pools=[changed]))
     assert sorted((await ledger.load()).pools, key=lambda p: p.key) == [pool, changed]
+
+
+async def test_evidence_keeps_the_latest_report_per_device_epoch_and_hour(ledger: Ledger) -> None:
+    def kept(device: str, boot: int, n: int, hour: int) -> Evidence:
+        return Evidence(device, boot, n, T0 + hour * HOUR, f"{device}-{boot}-{n}".encode())
+
+    await ledger.commit(LedgerWrite(evidence=[kept("a", 1, 5, 0), kept("a", 1, 9, 1),
+                                              kept("a", 2, 1, 1), kept("b", 1, 3, 0)]))  # fmt: skip
+    await ledger.commit(LedgerWrite(evidence=[kept("a", 1, 7, 0), kept("a", 1, 4, 1)]))
+    assert await ledger.evidence(["a"], T0 + HOUR) == [kept("a", 1, 7, 0)]  # 7 replaced 5
+    assert await ledger.evidence(["a", "b"], T0 + 2 * HOUR) == [
+        kept("a", 1, 9, 1),
+        kept("a", 2, 1, 1),
+        kept("b", 1, 3, 0),
+    ]  # fmt: skip  -- an older n (4) never replaces a later one (9)
+    assert await ledger.evidence(["a"], T0) == []
+    assert await ledger.evidence(["nobody"], T0 + DAY) == []
