@@ -154,7 +154,7 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
     app.include_router(build_router(service, auth))
 
     @app.post("/v1/devices", status_code=201, dependencies=auth, response_model=DeviceView,
-              responses={409: {"model": ErrorReply}})  # fmt: skip
+              responses={404: {"model": ErrorReply}, 409: {"model": ErrorReply}})  # fmt: skip
     async def add_device(body: NewDevice) -> dict[str, Any]:
         """Provision a device with an initial allocation of tokens."""
         key = _public_key(body.public_key)
