@@ -14,30 +14,18 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException
 
 import gateway
 from gateway.api_accounts import PoolBody, build_router, pool_settings
+from gateway.api_fields import DeviceId, WholeNumber
 from gateway.errors import AdminError, BadRequest, LedgerError
 from gateway.ledger import UsageQuery
 from gateway.service import MAX_TOKENS, MeteringService
 from gateway.views import parse_time, rfc3339
 
 VERSION = "0.1.0"
-TIME = (
-    r"^(\d{1,15}|\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?)$"
-)
-
-
-def _whole_number(value: object) -> object:
-    """JSON Schema counts 10.0 as an integer: accept it, but never a bool or a string."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
-    return value
-
-
-DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
 class NewDevice(BaseModel):
@@ -49,7 +37,7 @@ class NewDevice(BaseModel):
         StrictStr,
         Field(pattern=r"^[0-9A-Fa-f]{64}$", description="Ed25519 public key, 32 bytes in hex"),
     ]
-    tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS), BeforeValidator(_whole_number)]
+    tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS), WholeNumber]
     account: Annotated[
         StrictStr | None,
         Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"),
@@ -58,9 +46,9 @@ class NewDevice(BaseModel):
         default="dedicated",
         description="draw from its own allocation, or from the account's shared pool",
     )
-    cap: Annotated[
-        int | None, Field(strict=True, ge=0, le=MAX_TOKENS), BeforeValidator(_whole_number)
-    ] = Field(default=None, description="shared pool only: tokens per period, at most")
+    cap: Annotated[int | None, Field(strict=True, ge=0, le=MAX_TOKENS), WholeNumber] = Field(
+        default=None, description="shared pool only: tokens per period, at most"
+    )
     allocation: PoolBody | None = Field(
         default=None, description="dedicated pool only: policy, period, alerts, top-up"
     )
@@ -70,7 +58,7 @@ class Refill(BaseModel):
     """``POST /v1/devices/{id}/refill``."""
 
     model_config = ConfigDict(extra="ignore")
-    tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS), BeforeValidator(_whole_number)]
+    tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS), WholeNumber]
 
 
 class DeviceView(BaseModel):

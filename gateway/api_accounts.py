@@ -9,35 +9,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, params
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from fastapi import APIRouter, Header, Query, Response, params
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from gateway.api_fields import TIME, AccountId, DeviceId, WholeNumber, time_ms
 from gateway.economics import PeriodRule, PoolSettings, TopUpRule, shared_pool_key
 from gateway.errors import BadRequest, Conflict
 from gateway.pricing import parse_share
 from gateway.service import MAX_TOKENS, MeteringService
-from gateway.views import parse_time
 
-ACCOUNT = r"^[A-Za-z0-9_.\-]{1,64}$"
 SHARE = r"^(100(\.0{1,6})?|[0-9]{1,2}(\.[0-9]{1,6})?)%$"  # 0% to 100%
-AccountId = Annotated[str, Field(pattern=ACCOUNT)]
-DeviceId = Annotated[str, Field(pattern=ACCOUNT)]
-TIME = (
-    r"^(\d{1,15}|\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}:\d{2})?)?)$"
-)
 
 
-def _whole_number(value: object) -> object:
-    """JSON Schema counts 10.0 as an integer: accept it, but never a bool or a string."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
-    return value
-
-
-Tokens = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS), BeforeValidator(_whole_number)]
-PositiveTokens = Annotated[
-    int, Field(strict=True, ge=1, le=MAX_TOKENS), BeforeValidator(_whole_number)
-]
+Tokens = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS), WholeNumber]
+PositiveTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS), WholeNumber]
 
 
 class PeriodBody(BaseModel):
@@ -144,20 +129,13 @@ def pool_settings(body: PoolBody) -> PoolSettings:
     period = None
     if body.period is not None:
         p = body.period
-        period = PeriodRule(p.unit, _time("period.anchor", p.anchor), p.tokens, p.rollover_cap)
+        period = PeriodRule(p.unit, time_ms("period.anchor", p.anchor), p.tokens, p.rollover_cap)
     try:
         shares = tuple(parse_share(t) for t in body.thresholds)
     except ValueError as exc:
         raise BadRequest(f"thresholds: {exc}") from None
     topup = TopUpRule(body.topup.floor, body.topup.tokens) if body.topup else None
     return PoolSettings(body.policy, body.overage_cap, period, tuple(sorted(set(shares))), topup)
-
-
-def _time(name: str, text: str) -> int:
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise BadRequest(f"{name}: want RFC 3339, a date or ms since the epoch") from None
 
 
 def build_router(service: MeteringService, auth: list[params.Depends]) -> APIRouter:
@@ -196,6 +174,29 @@ def build_router(service: MeteringService, auth: list[params.Depends]) -> APIRou
         state. A retry with the same ``Idempotency-Key`` credits once."""
         return await _grant(shared_pool_key(account), body, idempotency_key)
 
+    @router.get(
+        "/v1/accounts/{account}/statement",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the signed statement (canonical JSON, gateway/statement.py)",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            **errors,
+        },
+    )
+    async def statement(
+        account: AccountId,
+        since: Annotated[str, Query(pattern=TIME, description="whole UTC hour")],
+        until: Annotated[str, Query(pattern=TIME, description="whole UTC hour, exclusive")],
+    ) -> Response:
+        """Per device and meter, the tokens charged in ``[since, until)`` with the evidence:
+        the device-signed reports at the window's boundaries, signed by the gateway.
+        ``tokenwell verify`` recomputes every line offline."""
+        since_ms, until_ms = time_ms("since", since), time_ms("until", until)
+        body = await service.statement(account, since_ms, until_ms)
+        return Response(body, media_type="application/json")
+
     @router.get("/v1/devices/{device_id}/allocation", response_model=PoolView, responses=errors)
     async def show_allocation(device_id: DeviceId) -> dict[str, Any]:
         """The pool the device draws from (its own, or its account's shared pool)."""
@@ -222,7 +223,7 @@ def build_router(service: MeteringService, auth: list[params.Depends]) -> APIRou
         return await _grant(service.device_pool(device_id), body, idempotency_key)
 
     async def _grant(key: str, body: GrantBody, idempotency_key: str | None) -> dict[str, Any]:
-        expires = None if body.expires_at is None else _time("expires_at", body.expires_at)
+        expires = None if body.expires_at is None else time_ms("expires_at", body.expires_at)
         replayed = await service.grant(
             key,
             body.tokens,

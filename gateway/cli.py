@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
+        if args.command in cli_accounts.OFFLINE:
+            return cli_accounts.OFFLINE[args.command](args)
         if args.command in cli_accounts.COMMANDS:
             with _client(args) as client:
                 return cli_accounts.COMMANDS[args.command](args, client)
@@ -253,10 +255,7 @@ def _print_table(devices: list[dict[str, Any]]) -> None:
     _print_rows(_DEVICE_FIELDS, [tuple(str(d.get(k)) for k in _DEVICE_FIELDS) for d in devices])
 
 
-def _print_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+_print_rows = cli_accounts.print_rows
 
 
 if __name__ == "__main__":

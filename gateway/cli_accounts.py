@@ -1,4 +1,5 @@
-"""The token-economics commands of ``tokenwell``: accounts, pools, grants.
+"""The token-economics commands of ``tokenwell``: accounts, pools, grants, statements,
+and ``verify`` (offline).
 
 ``tokenwell pool set`` changes only the settings it is given: it reads the pool's current
 settings and sends them back with the changes (the API's ``PUT`` replaces them whole).
@@ -7,10 +8,17 @@ settings and sends them back with the changes (the API's ``PUT`` replaces them w
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway.client import AdminClient, ApiRefused
+from gateway.errors import TokenwellError
+from gateway.pricing import format_price
+from gateway.statement import verify_statement
+from gateway.views import rfc3339
 
 
 def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> None:
@@ -53,6 +61,24 @@ def add_commands(commands: Any, parser_class: type[argparse.ArgumentParser]) -> 
     grant.add_argument("--priority", type=int, default=0, help="lower burns first (default 0)")
     grant.add_argument("--expires", help="expiry (RFC 3339, a date or ms)")
     grant.add_argument("--idempotency-key", help="a retry with the same key credits once")
+
+    statement = commands.add_parser(
+        "statement", help="an account's signed, verifiable statement over whole UTC hours"
+    )
+    statement.add_argument("account")
+    statement.add_argument("--since", required=True, help="whole UTC hour (RFC 3339 or date)")
+    statement.add_argument("--until", required=True, help="whole UTC hour, exclusive")
+    statement.add_argument("-o", "--output", type=Path, help="write it here (default: stdout)")
+
+    verify = commands.add_parser(
+        "verify", help="check a statement offline: signatures, evidence, every line and total"
+    )
+    verify.add_argument("statement", type=Path, help="the statement file ('-': stdin)")
+    verify.add_argument("--gateway-key", help="pin the gateway's public key (hex)")
+    verify.add_argument(
+        "--device-keys", type=Path,
+        help='pin the devices\' keys: a JSON file {"device id": "public key hex"}',
+    )  # fmt: skip
 
 
 def _target(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +138,62 @@ def cmd_grant(args: argparse.Namespace, client: AdminClient) -> int:
         print("already applied (same Idempotency-Key): nothing more credited")
     print_pool(result)
     return 0
+
+
+def cmd_statement(args: argparse.Namespace, client: AdminClient) -> int:
+    params = {"since": args.since, "until": args.until}
+    body = client.get_bytes(f"/v1/accounts/{args.account}/statement", params)
+    if args.output is None:
+        sys.stdout.buffer.write(body)
+    else:
+        try:
+            args.output.write_bytes(body)
+        except OSError as exc:
+            raise TokenwellError(f"cannot write {args.output}: {exc.strerror}") from None
+        print(f"statement of {args.account} written to {args.output}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Offline: no gateway needed. Exit 0 and a summary when every check passes."""
+    data = sys.stdin.buffer.read() if str(args.statement) == "-" else _read(args.statement)
+    pins = None
+    if args.device_keys is not None:
+        try:
+            pins = {d: bytes.fromhex(k) for d, k in json.loads(_read(args.device_keys)).items()}
+        except (ValueError, AttributeError, TypeError):
+            raise TokenwellError(f'{args.device_keys}: want {{"device": "hex key"}}') from None
+    try:
+        gateway_key = None if args.gateway_key is None else bytes.fromhex(args.gateway_key)
+    except ValueError:
+        raise TokenwellError("--gateway-key must be hex") from None
+    checked = verify_statement(data, gateway_public_key=gateway_key, device_keys=pins)
+    header = ("device", "boot", "meter", "price", "from", "to", "tokens")
+    rows = [
+        (line.device, str(line.boot), line.meter,
+         "-" if line.price is None else format_price(line.price),
+         str(line.from_units), str(line.to_units), str(line.tokens))
+        for line in checked.lines
+    ]  # fmt: skip
+    print_rows(header, rows)
+    window = f"{rfc3339(checked.since_ms)} to {rfc3339(checked.until_ms)}"
+    print(f"verified: account {checked.account}, {window}, {checked.total} tokens"
+          f"{'' if pins else ' (device keys not pinned: --device-keys)'}")  # fmt: skip
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TokenwellError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def print_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def settings_of(view: dict[str, Any]) -> dict[str, Any]:
@@ -202,4 +284,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AdminClient], int]] = {
     "accounts": cmd_accounts,
     "pool": cmd_pool,
     "grant": cmd_grant,
+    "statement": cmd_statement,
 }
+OFFLINE: dict[str, Callable[[argparse.Namespace], int]] = {"verify": cmd_verify}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -66,13 +66,17 @@ class AdminClient:
         except httpx.HTTPError as exc:
             raise ApiUnavailable(f"cannot reach the admin API at {self.base_url}: {exc}") from None
         if reply.status_code >= 400:
-            try:
-                body = reply.json()
-                code, detail = str(body["error"]), str(body["detail"])
-            except (ValueError, KeyError, TypeError):
-                code, detail = "http_error", reply.text[:200]
-            raise ApiRefused(reply.status_code, code, detail)
+            self._refused(reply)
         return reply.json()
+
+    @staticmethod
+    def _refused(reply: httpx.Response) -> NoReturn:
+        try:
+            body = reply.json()
+            code, detail = str(body["error"]), str(body["detail"])
+        except (ValueError, KeyError, TypeError):
+            code, detail = "http_error", reply.text[:200]
+        raise ApiRefused(reply.status_code, code, detail)
 
     def add_device(
         self,
@@ -120,6 +124,16 @@ class AdminClient:
     def get(self, path: str) -> Any:
         """``GET path`` (under the API's base URL): the decoded JSON reply."""
         return self._call("GET", path)
+
+    def get_bytes(self, path: str, params: dict[str, str]) -> bytes:
+        """``GET path`` returning the reply's exact bytes (a statement is signed as is)."""
+        try:
+            reply = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise ApiUnavailable(f"cannot reach the admin API at {self.base_url}: {exc}") from None
+        if reply.status_code >= 400:
+            self._refused(reply)
+        return reply.content
 
     def put(self, path: str, body: dict[str, Any]) -> Any:
         """``PUT path`` with a JSON body: the decoded JSON reply."""

@@ -23,7 +23,7 @@ from gateway.config import ThrottleStep
 from gateway.economics import Alert, Outcome, Pool, advance, after_debit, pool_limit
 from gateway.economics import debit as debit_pool
 from gateway.errors import Reason, Rejection
-from gateway.ledger import Debit, Evidence, HighMark, LedgerWrite
+from gateway.ledger import Debit, HighMark, LedgerWrite
 from gateway.metering import (
     Device,
     attributed_time,
@@ -33,6 +33,7 @@ from gateway.metering import (
     next_control,
     raise_highs,
 )
+from gateway.statement import Evidence
 from gateway.views import Event
 from gateway.wire import (
     MAX_UINT,

@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from gateway.economics import Movement, Pool
 from gateway.errors import LedgerError
 from gateway.metering import Device
+from gateway.statement import Evidence
 
 Bucket = Literal["hour", "day", "month", "all"]
 BUCKETS: tuple[Bucket, ...] = ("hour", "day", "month", "all")
@@ -55,19 +56,6 @@ class Debit:
     received_ms: int
     pool: str = ""  # the pool debited
     overage: int = 0  # of ``tokens``, those past the pool's zero (billed as overage)
-
-
-@dataclass(frozen=True, slots=True)
-class Evidence:
-    """A device-signed usage report kept as evidence for statements: per device, boot
-    epoch and UTC hour (of the usage's attributed time), the latest report that charged.
-    ``envelope`` is exactly the bytes received."""
-
-    device: str
-    boot: int
-    n: int
-    hour_ms: int
-    envelope: bytes
 
 
 @dataclass(slots=True)

@@ -56,6 +56,7 @@ from gateway.ledger import Ledger, LedgerWrite, UsageQuery, UsageRow
 from gateway.metering import Device, next_control
 from gateway.metrics import Metrics
 from gateway.mqtt import Incoming
+from gateway.statement import StatementError, build_statement
 from gateway.topics import Topics
 from gateway.views import Event, device_state, pool_view, state_json
 from gateway.wire import ControlMessage, UsageReport, is_device_id, sign_control
@@ -486,14 +487,19 @@ class MeteringService:
 
     async def pass_time(self) -> None:
         """Apply grant expiries and period resets that are due, with their control
-        messages (``period_reset``) and events. Called every fleet-state interval."""
+        messages (``period_reset``) and events. Called every fleet-state interval; a
+        failing commit leaves them due for the next call."""
         now = self._clock()
         due = [key for key, pool in self.registry.pools.items() if is_due(pool, now)]
         if not due:
             return
         async with self._lock:
             result = pass_time(self.registry, self.pricing, now, due)
-            await self._commit_admin(result.write)
+            try:
+                await self._commit_admin(result.write)
+            except LedgerError as exc:  # still due: retried at the next tick
+                log.error("ledger commit failed for expiries and period resets: %s", exc)
+                return
         self._publish_result(result)
 
     def _publish_result(self, result: BatchResult, *events: Event) -> None:
@@ -528,6 +534,31 @@ class MeteringService:
     def device_pool(self, device_id: str) -> str:
         """The key of the pool ``device_id`` draws from; raises NotFound."""
         return self._existing(device_id).pool
+
+    async def statement(self, account: str, since_ms: int, until_ms: int) -> bytes:
+        """The signed, verifiable statement of ``account`` for ``[since_ms, until_ms)``
+        (whole UTC hours; see :mod:`gateway.statement`). Raises NotFound for an account
+        without devices, BadRequest for a bad window, Conflict when the stored evidence
+        would not verify."""
+        devices = [d for d in self.registry.devices.values() if d.account == account]
+        if not devices:
+            raise NotFound(f"no account {account!r}")
+        ids = [d.id for d in devices]
+        evidence = [
+            *await self.ledger.evidence(ids, since_ms),
+            *await self.ledger.evidence(ids, until_ms),
+        ]
+        try:
+            return build_statement(
+                account=account, since_ms=since_ms, until_ms=until_ms,
+                public_keys={d.id: d.public_key for d in devices},
+                prices=self.pricing.prices, evidence=evidence,
+                generated_ms=self._clock(), gateway_key=self._key,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except StatementError as exc:
+            raise Conflict(f"the stored evidence would not verify: {exc}") from None
 
     def accounts(self) -> list[dict[str, object]]:
         """Every account (of a device or a shared pool): its devices and whether it has a

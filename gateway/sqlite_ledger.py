@@ -40,7 +40,6 @@ from gateway.economics import (
 from gateway.errors import InvalidMessage, LedgerError
 from gateway.ledger import (
     Debit,
-    Evidence,
     HighMark,
     LedgerWrite,
     Snapshot,
@@ -48,6 +47,7 @@ from gateway.ledger import (
     UsageRow,
 )
 from gateway.metering import Device
+from gateway.statement import Evidence
 from gateway.wire import ControlMessage
 
 SCHEMA_VERSION = 2

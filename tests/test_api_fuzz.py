@@ -42,11 +42,12 @@ def test_no_request_yields_a_server_error_or_breaks_the_contract(
     for operation in operations:
         # Some valid-looking inputs are checked beyond the schema, and a 422 is fair:
         # since/until/anchor/expires_at are free-form times (an impossible date, an expiry
-        # in the past), and pool settings and device pool choices combine (overage_cap
-        # only under the overage policy, a cap only on a shared pool, no tokens there).
+        # in the past, a statement not on whole hours), and pool settings and device pool
+        # choices combine (overage_cap only under the overage policy, a cap only on a
+        # shared pool, no tokens there).
         beyond_schema = (
             operation.path == "/v1/usage"
-            or operation.path.endswith(("/pool", "/allocation", "/grants"))
+            or operation.path.endswith(("/pool", "/allocation", "/grants", "/statement"))
             or (operation.path, operation.method.upper()) == ("/v1/devices", "POST")
         )
         lenient = [positive_data_acceptance] if beyond_schema else []

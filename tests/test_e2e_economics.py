@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway import views
 from tests.helpers import GatewayHandle, Listener, RawDevice, assert_conserved, running_gateway
+from tests.test_cli import run_cli
 
 
 @pytest.fixture
@@ -215,3 +218,67 @@ async def test_a_grant_with_a_key_credits_once_and_expiry_and_priority_are_kept(
     assert (past.status_code, past.json()["error"]) == (422, "invalid")
     accounts = (await gw.api.get("/v1/accounts")).json()
     assert accounts == [{"account": device.id, "devices": [device.id], "shared_pool": False}]
+
+
+async def test_a_statement_is_signed_verifies_offline_and_fails_on_any_change(
+    gw: GatewayHandle, shared_broker: Any, tmp_path: Path
+) -> None:
+    """A pay-as-you-go device's usage appears in its account's statement; ``tokenwell
+    verify`` recomputes it from the device-signed reports, and refuses an altered copy."""
+    hour = 3_600_000
+    now = time.time_ns() // 1_000_000
+    start = now - now % hour - 3 * hour  # three whole hours ago
+    payg, prepaid = RawDevice("st-payg"), RawDevice("st-pre")
+    await gw.add_device(payg.id, payg.key, 0, account="stmt", allocation={"policy": "payg"})
+    await gw.add_device(prepaid.id, prepaid.key, 10**6, account="stmt")
+    async with Listener.connect(shared_broker.url) as publisher:
+        for offset, count in ((10, 1_000), (70, 5_000), (125, 9_000)):  # minutes after start
+            at = start + offset * 60_000  # a plausible device clock: attributed to it
+            publisher.publish(gw.topics.usage(payg.id), payg.report({"api_calls": count}, t=at))
+            await gw.wait_committed(lambda c=count: gw.service.registry.pools[payg.id].used
+                                    == c // 100)  # fmt: skip
+        publisher.publish(
+            gw.topics.usage(prepaid.id), prepaid.report({"gpu_seconds": 7}, t=start + 80 * 60_000)
+        )
+        await gw.wait_committed(lambda: gw.service.registry.pools[prepaid.id].used == 3)
+
+    window = {"since": views.rfc3339(start + hour), "until": views.rfc3339(start + 3 * hour)}
+    reply = await gw.api.get("/v1/accounts/stmt/statement", params=window)
+    assert reply.status_code == 200, reply.text
+    document = json.loads(reply.content)
+    lines = {(line["device"], line["meter"]): line for line in document["lines"]}
+    assert (lines["st-payg", "api_calls"]["from_units"], lines["st-payg", "api_calls"]["to_units"],
+            lines["st-payg", "api_calls"]["tokens"]) == (1_000, 9_000, 80)  # fmt: skip
+    assert lines["st-pre", "gpu_seconds"]["tokens"] == 3
+    assert document["totals"] == {"account": 83, "devices": {"st-payg": 80, "st-pre": 3}}
+
+    path = tmp_path / "statement.json"
+    path.write_bytes(reply.content)
+    pins = tmp_path / "keys.json"
+    pins.write_text(json.dumps({d.id: d.key.public_key().public_bytes_raw().hex()
+                                for d in (payg, prepaid)}))  # fmt: skip
+    gateway_key = (await gw.api.get("/v1/gateway")).json()["public_key"]
+    ok = await run_cli("verify", str(path), "--gateway-key", gateway_key,
+                       "--device-keys", str(pins))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "verified: account stmt" in ok.stdout
+    assert "83 tokens" in ok.stdout
+
+    altered = reply.content.replace(b'"tokens":80', b'"tokens":70')
+    assert altered != reply.content
+    path.write_bytes(altered)
+    refused = await run_cli("verify", str(path))
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in refused.stderr
+
+    fetched = await run_cli("statement", "stmt", "--since", window["since"], "--until",
+                            window["until"], "-o", str(path), api=str(gw.api.base_url))  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    assert (await run_cli("verify", str(path))).returncode == 0
+
+    odd = await gw.api.get("/v1/accounts/stmt/statement",
+                           params={**window, "since": views.rfc3339(start + 1)})  # fmt: skip
+    assert (odd.status_code, odd.json()["error"]) == (422, "invalid")
+    missing = await gw.api.get("/v1/accounts/nobody/statement", params=window)
+    assert missing.status_code == 404

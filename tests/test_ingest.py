@@ -24,8 +24,9 @@ from gateway.ingest import (
     transition_event,
     verify,
 )
-from gateway.ledger import Debit, Evidence, HighMark
+from gateway.ledger import Debit, HighMark
 from gateway.metering import Device, next_control
+from gateway.statement import Evidence
 from gateway.topics import Topics
 from gateway.views import Event, device_state, parse_time, rfc3339, state_json
 from gateway.wire import (

@@ -23,7 +23,6 @@ from gateway.economics import GrantKind, GrantState, Movement, PeriodRule, Pool,
 from gateway.errors import LedgerError
 from gateway.ledger import (
     Debit,
-    Evidence,
     HighMark,
     Ledger,
     LedgerWrite,
@@ -33,6 +32,7 @@ from gateway.ledger import (
 )
 from gateway.metering import Device
 from gateway.sqlite_ledger import SqliteLedger
+from gateway.statement import Evidence
 from gateway.wire import ControlMessage
 
 HOUR = 3_600_000
