@@ -22,6 +22,7 @@ api_calls = "0.01"
 gpu_seconds = "1/3"
 """
 PRICES = {"api_calls": parse_price("0.01"), "gpu_seconds": parse_price("1/3")}
+SHARED_TOKENS = 1000
 
 
 def expected_used(final: dict[str, int]) -> int:
@@ -60,9 +61,17 @@ async def test_sigkill_mid_stream_loses_nothing_and_charges_nothing_twice(
     gateway.start()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=gateway.api_url, headers=headers) as api:
-        for device in devices:
+        # Two devices share an account's pool with alerts: edge-triggered state must
+        # survive the kills too (each threshold fires once, whatever is redelivered).
+        pool = {"thresholds": ["50%", "90%"]}
+        assert (await api.put("/v1/accounts/crashco/pool", json=pool)).status_code == 200
+        grant = await api.post("/v1/accounts/crashco/grants", json={"tokens": SHARED_TOKENS})
+        assert grant.status_code == 200
+        for number, device in enumerate(devices):
             key = device.key.public_key().public_bytes_raw().hex()
-            body = {"id": device.id, "public_key": key, "tokens": 10**9}
+            body: dict[str, Any] = {"id": device.id, "public_key": key, "tokens": 10**9}
+            if number < 2:
+                body.update(tokens=0, account="crashco", pool="shared")
             assert (await api.post("/v1/devices", json=body)).status_code == 201
 
     messages, final = stream(devices, 1500, rng)
@@ -93,8 +102,14 @@ async def test_sigkill_mid_stream_loses_nothing_and_charges_nothing_twice(
     try:
         snapshot = await assert_conserved(ledger)
         for device in snapshot.devices:
-            _, debited = await ledger.totals(device.id)
-            assert debited == device.used == expected_used(final[device.id])
+            assert device.used == expected_used(final[device.id])
+            if device.pool == device.id:
+                assert (await ledger.totals(device.id))[1] == device.used
+        shared = next(p for p in snapshot.pools if p.key == "@crashco")
+        want = sum(expected_used(final[d.id]) for d in devices[:2])
+        assert (await ledger.totals("@crashco"))[1] == shared.used == want
+        assert want >= SHARED_TOKENS * 9 // 10  # both alerts were due, once each
+        assert [str(share) for share in shared.fired] == ["1/2", "9/10"]
         for mark in snapshot.highs:
             assert mark.high == final[mark.device][mark.meter]
     finally:
