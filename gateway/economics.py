@@ -50,6 +50,7 @@ from fractions import Fraction
 from typing import Literal
 
 from gateway.pricing import format_price
+from gateway.values import evolve
 
 Policy = Literal["prepaid", "overage", "payg"]
 POLICIES: tuple[Policy, ...] = ("prepaid", "overage", "payg")
@@ -293,10 +294,10 @@ def debit(pool: Pool, tokens: int) -> tuple[Pool, Burn]:
         take = min(left, grant.remaining)
         left -= take
         if grant.remaining > take:
-            kept.append(replace(grant, remaining=grant.remaining - take))
+            kept.append(evolve(grant, remaining=grant.remaining - take))
     overage = left if pool.policy != "prepaid" else 0
     kept.sort(key=lambda g: g.seq)
-    debited = replace(
+    debited = evolve(
         pool, used=pool.used + tokens, overage=pool.overage + overage, grants=tuple(kept)
     )
     return debited, Burn(tokens, overage)

@@ -14,7 +14,7 @@ Two steps, so the gateway can run them as a pipeline:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -34,6 +34,7 @@ from gateway.metering import (
     raise_highs,
 )
 from gateway.statement import Evidence
+from gateway.values import evolve
 from gateway.views import Event
 from gateway.wire import (
     MAX_UINT,
@@ -284,7 +285,7 @@ def _charge_one(
         result.events.append(Event("unpriced_meter", device.id, now_ms, {"meter": meter}))
     if not outcome.lines:
         result.duplicates += 1
-        result.devices[device.id] = replace(device, last_report_ms=now_ms)
+        result.devices[device.id] = evolve(device, last_report_ms=now_ms)
         return None
     result.charged += 1
     result.tokens += outcome.tokens
@@ -323,7 +324,7 @@ def _with_control(
     result.controls.append(control)
     previous = device.control.state if device.control else "ok"
     result.events.append(transition_event(device.id, previous, control))
-    return replace(device, control=control)
+    return evolve(device, control=control)
 
 
 def transition_event(device: str, previous: str, control: ControlMessage) -> Event:

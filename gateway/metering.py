@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 
 from gateway.config import ThrottleStep
 from gateway.economics import Limit, Pool, cap_limit, pool_limit
 from gateway.pricing import charged
+from gateway.values import evolve
 from gateway.wire import ControlMessage, ControlState, UsageReport
 
 
@@ -115,7 +116,7 @@ def raise_highs(device: Device, boot: int, updates: Mapping[str, int]) -> Device
     """``device`` with ``H`` of epoch ``boot`` set to ``updates`` (meter -> new high)."""
     kept = [h for h in device.highs if h[0] != boot or h[1] not in updates]
     added = [(boot, sys.intern(meter), high) for meter, high in updates.items()]
-    return replace(device, highs=tuple(sorted(kept + added)))
+    return evolve(device, highs=tuple(sorted(kept + added)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +146,14 @@ def limit_level(limit: Limit | None, ladder: Sequence[ThrottleStep]) -> Level:
     """
     if limit is None:
         return OK
-    if limit.headroom <= 0:
+    headroom, base = limit.headroom, limit.base
+    if headroom <= 0:
         return Level("block", 0, limit.why)
-    reached = [step for step in ladder if limit.headroom <= step.below * limit.base]
+    # headroom <= below * base, in integers: Fraction arithmetic here cost more than
+    # everything else in charging a report.
+    reached = [
+        step for step in ladder if headroom * step.below.denominator <= step.below.numerator * base
+    ]
     if not reached:
         return OK
     step = min(reached, key=lambda s: (s.below, s.rate_permille))
@@ -194,7 +200,7 @@ def next_control(
 def debit(device: Device, pool: Pool, tokens: int, now_ms: int) -> Device:
     """``device`` after a report debiting ``tokens`` (possibly 0) from ``pool`` (its pool,
     already advanced to ``now_ms``) was accepted at ``now_ms``."""
-    return replace(
+    return evolve(
         device,
         used=used_now(device, pool) + tokens,
         period_ms=pool.period_start_ms,
