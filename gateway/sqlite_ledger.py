@@ -183,6 +183,31 @@ def pool_state(pool: Pool) -> bytes:
     return packed
 
 
+def _pool_from_1(device: str, account: str, allocation: int, used: int, created: int) -> Pool:
+    """A schema-1 device's flat allocation as its dedicated prepaid pool."""
+    left = allocation - used
+    grants = (GrantState(1, "initial", allocation, left, 0, None, created),) if left > 0 else ()
+    return Pool(device, account, allocation=allocation, used=used, grants=grants, next_seq=2)
+
+
+_MIGRATE_FROM_1 = (
+    *(s.strip() for s in SCHEMA.split(";") if "pools" in s or "movements" in s
+      or "evidence" in s),
+    "ALTER TABLE devices ADD COLUMN pool TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE devices ADD COLUMN cap INTEGER",
+    "ALTER TABLE devices ADD COLUMN period_ms INTEGER NOT NULL DEFAULT 0",
+    "UPDATE devices SET pool = id",
+    "ALTER TABLE devices DROP COLUMN allocation",
+    "ALTER TABLE debits ADD COLUMN pool TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE debits ADD COLUMN overage INTEGER NOT NULL DEFAULT 0",
+    "UPDATE debits SET pool = device",
+    "INSERT INTO movements (pool, account, kind, tokens, at_ms, grant_kind, priority,"
+    " idempotency_key, device) SELECT device, account, 'grant', tokens, at_ms, kind, 0,"
+    " idempotency_key, device FROM grants ORDER BY seq",
+    "DROP TABLE grants",
+)  # fmt: skip
+
+
 def pool_from_state(data: bytes, names: dict[str, str]) -> Pool:
     """The inverse of :func:`pool_state`. ``names`` shares equal strings (ids, policy and
     grant kinds) between records: 100,000 copies of ``"acme"`` cost 5 MB."""
@@ -242,13 +267,34 @@ class SqliteLedger:
             await self._writer.execute(
                 "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION).encode(),)
             )
+        elif int(found) == 1:
+            await self._migrate_from_1()
         elif int(found) != SCHEMA_VERSION:
-            raise LedgerError(
-                f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}"
-                " (schema 1 predates accounts and pools: start a new ledger)"
-                if int(found) == 1
-                else f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}"
-            )
+            raise LedgerError(f"ledger {self.path}: schema {int(found)}, want {SCHEMA_VERSION}")
+
+    async def _migrate_from_1(self) -> None:
+        """Schema 1 (a flat allocation per device) to 2 (pools), in one transaction.
+
+        Each device gets its dedicated prepaid pool with its allocation and used tokens;
+        what is left of them becomes one ``initial`` grant; its grants (with their
+        idempotency keys) become ``grant`` movements; its debits are booked on its pool.
+        """
+        conn = self._w
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            sql = "SELECT id, account, allocation, used, created_ms FROM devices"
+            async with conn.execute(sql) as cursor:
+                rows = list(await cursor.fetchall())
+            for statement in _MIGRATE_FROM_1:
+                await conn.execute(statement)
+            pools = [_pool_from_1(*row) for row in rows]
+            await conn.executemany(_UPSERT_POOL, [(p.key, p.account, pool_state(p)) for p in pools])
+            await conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (b"2",))
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
 
     @staticmethod
     async def _scalar(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:

@@ -494,3 +494,82 @@ async def test_evidence_keeps_the_latest_report_per_device_epoch_and_hour(ledger
     ]  # fmt: skip  -- an older n (4) never replaces a later one (9)
     assert await ledger.evidence(["a"], T0) == []
     assert await ledger.evidence(["nobody"], T0 + DAY) == []
+
+
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, public_key BLOB NOT NULL, account TEXT NOT NULL,
+    allocation INTEGER NOT NULL, used INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, revoked INTEGER NOT NULL,
+    last_report_ms INTEGER,
+    ctl_n INTEGER, ctl_t INTEGER, ctl_s TEXT, ctl_r INTEGER, ctl_bal INTEGER, ctl_why TEXT,
+    ctl_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS highs (
+    device TEXT NOT NULL, boot INTEGER NOT NULL, meter TEXT NOT NULL, high INTEGER NOT NULL,
+    PRIMARY KEY (device, boot, meter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS debits (
+    seq INTEGER PRIMARY KEY, device TEXT NOT NULL, account TEXT NOT NULL,
+    boot INTEGER NOT NULL, meter TEXT NOT NULL,
+    from_units INTEGER NOT NULL, to_units INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+    CHECK (to_units > from_units AND tokens >= 0)
+);
+CREATE INDEX IF NOT EXISTS debits_at ON debits (at_ms);
+CREATE INDEX IF NOT EXISTS debits_device_at ON debits (device, at_ms);
+CREATE TABLE IF NOT EXISTS grants (
+    seq INTEGER PRIMARY KEY, device TEXT NOT NULL, account TEXT NOT NULL,
+    tokens INTEGER NOT NULL, kind TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    idempotency_key TEXT, UNIQUE (device, idempotency_key)
+);
+"""
+
+
+async def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
+    """The ledger of the release before pools: each device becomes its own prepaid pool,
+    its grants movements (idempotency keys kept), its debits booked on that pool."""
+    path = tmp_path / "l.sqlite3"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(SCHEMA_1)
+        raw.execute("INSERT INTO meta VALUES ('schema', ?)", (b"1",))
+        raw.execute(
+            "INSERT INTO devices (id, public_key, account, allocation, used, created_ms,"
+            " updated_ms, revoked, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent)"
+            " VALUES ('a', ?, 'acme', 100, 30, 1, 2, 0, 2, 3, 'ok', 1000, 70, 'refill', 2),"
+            " ('b', ?, 'acme', 5, 9, 1, 2, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0)",
+            (bytes(32), bytes(32)),
+        )
+        raw.execute(
+            "INSERT INTO grants (device, account, tokens, kind, at_ms, idempotency_key) VALUES"
+            " ('a', 'acme', 80, 'initial', 1, NULL), ('a', 'acme', 20, 'refill', 2, 'k'),"
+            " ('b', 'acme', 5, 'initial', 1, NULL)"
+        )
+        raw.execute(
+            "INSERT INTO debits (device, account, boot, meter, from_units, to_units, tokens,"
+            " at_ms, received_ms) VALUES ('a', 'acme', 1, 'x', 0, 30, 30, 5, 5),"
+            " ('b', 'acme', 1, 'x', 0, 9, 9, 5, 5)"
+        )
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        snapshot = await ledger.load()
+        pools = {p.key: p for p in snapshot.pools}
+        assert (pools["a"].balance, [g.remaining for g in pools["a"].grants]) == (70, [70])
+        assert (pools["b"].balance, pools["b"].grants) == (-4, ())
+        assert [(d.id, d.pool, d.used) for d in snapshot.devices] == [("a", "a", 30), ("b", "b", 9)]
+        assert await ledger.totals("a") == (100, 30)
+        assert await ledger.totals("b") == (5, 9)
+        found = await ledger.find_grant("a", "k")
+        assert found is not None
+        assert (found.tokens, found.grant_kind) == (20, "refill")
+        await ledger.commit(LedgerWrite(devices=[replace(snapshot.devices[0], used=31)]))
+    finally:
+        await ledger.close()
+    again = SqliteLedger(path)  # opened again: schema 2, nothing migrated twice
+    await again.open()
+    try:
+        assert await again.totals("a") == (100, 30)
+    finally:
+        await again.close()
