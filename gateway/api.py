@@ -8,7 +8,9 @@ before it changes anything visible).
 
 from __future__ import annotations
 
+import csv
 import hmac
+import io
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -21,7 +23,7 @@ import gateway
 from gateway.api_accounts import PoolBody, build_router, pool_settings
 from gateway.api_fields import DeviceId, WholeNumber
 from gateway.errors import AdminError, BadRequest, LedgerError
-from gateway.ledger import UsageQuery
+from gateway.ledger import UsageQuery, UsageRow
 from gateway.service import MAX_TOKENS, MeteringService
 from gateway.views import parse_time, rfc3339
 
@@ -108,6 +110,16 @@ class UsageReply(BaseModel):
     total_tokens: int
 
 
+_USAGE_COLUMNS = ("bucket_start", "device", "account", "meter", "units", "tokens")
+_USAGE_CSV: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON by default; with format=csv, the rows as RFC 4180 CSV under a"
+        " header row (bucket_start empty for bucket=all), no totals",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+
+
 class GatewayInfo(BaseModel):
     public_key: str
     version: str
@@ -183,7 +195,7 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
         """Revoke: further reports are rejected and the device is sent ``block``."""
         return service.state((await service.revoke(device_id)).id)
 
-    @app.get("/v1/usage", dependencies=auth, response_model=UsageReply)
+    @app.get("/v1/usage", dependencies=auth, response_model=UsageReply, responses=_USAGE_CSV)
     async def usage(
         device: DeviceId | None = None,
         account: DeviceId | None = None,
@@ -193,11 +205,18 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
             str | None, Query(description="exclusive; RFC 3339, a date, or ms")
         ] = None,
         bucket: Literal["hour", "day", "month", "all"] = "all",
-    ) -> dict[str, Any]:
-        """Who used what over what time frame: units and tokens per device and meter."""
+        output: Annotated[
+            Literal["json", "csv"], Query(alias="format", description="json (default) or csv")
+        ] = "json",
+    ) -> dict[str, Any] | Response:
+        """Who used what over what time frame: units and tokens per device and meter, each
+        bucket keyed by its start in attributed time (the device clock when plausible, else
+        the time of receipt)."""
         since_ms, until_ms = _time_param("since", since), _time_param("until", until)
         query = UsageQuery(device, account, meter, since_ms, until_ms, bucket)
         rows = await service.usage(query)
+        if output == "csv":
+            return Response(_usage_csv(rows), media_type="text/csv; charset=utf-8")
         return {
             "since": rfc3339(since_ms),
             "until": rfc3339(until_ms),
@@ -258,6 +277,17 @@ def _time_param(name: str, text: str | None) -> int | None:
         return parse_time(text)
     except ValueError:
         raise BadRequest(f"{name}: want RFC 3339, a date or ms since the epoch") from None
+
+
+def _usage_csv(rows: list[UsageRow]) -> str:
+    """``rows`` as RFC 4180 CSV (CRLF line ends, quoted where needed) under a header row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(_USAGE_COLUMNS)
+    for r in rows:
+        start = rfc3339(r.bucket_start_ms) or ""
+        writer.writerow((start, r.device, r.account, r.meter, r.units, r.tokens))
+    return out.getvalue()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -91,13 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     cli_accounts.add_commands(commands, _Parser)
 
     usage = commands.add_parser("usage", help="who used what, over what time frame")
-    usage.add_argument("--device")
-    usage.add_argument("--account")
-    usage.add_argument("--meter")
+    usage.add_argument("--device", metavar="ID", help="only this device")
+    usage.add_argument("--account", metavar="ID", help="only this account's devices")
+    usage.add_argument("--meter", metavar="NAME", help="only this meter")
     usage.add_argument("--since", help="RFC 3339 time, a date, or ms since the epoch")
     usage.add_argument("--until", help="exclusive end; RFC 3339 time, a date, or ms")
-    usage.add_argument("--bucket", choices=["hour", "day", "month", "all"], default="all")
-    usage.add_argument("--json", action="store_true", help="print the API's JSON")
+    usage.add_argument("--bucket", choices=["hour", "day", "month", "all"], default="all",
+                       help="one row per meter and device per UTC hour, day, month, or "
+                       "over the whole span (default all)")  # fmt: skip
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                       help="a table (default), or exactly the API's CSV or JSON")  # fmt: skip
+    usage.add_argument("--json", dest="format", action="store_const", const="json",
+                       help="same as --format json")  # fmt: skip
 
     commands.add_parser("gateway-key", help="print the gateway's public key (hex)")
 
@@ -193,14 +197,19 @@ def cmd_refill(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    """The usage table, or the API's CSV or JSON byte for byte (so it can be redirected)."""
+    filters = {
+        "device": args.device, "account": args.account, "meter": args.meter,
+        "since": args.since, "until": args.until, "bucket": args.bucket,
+    }  # fmt: skip
     with _client(args) as client:
-        result = client.usage(
-            device=args.device, account=args.account, meter=args.meter,
-            since=args.since, until=args.until, bucket=args.bucket,
-        )  # fmt: skip
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+        if args.format != "table":
+            params = {k: v for k, v in filters.items() if v is not None}
+            body = client.get_bytes("/v1/usage", {**params, "format": args.format})
+            sys.stdout.buffer.write(body)
+            sys.stdout.flush()
+            return 0
+        result = client.usage(**filters)
     header = ("bucket", "device", "account", "meter", "units", "tokens")
     rows = [tuple(str(r[k] if r[k] is not None else "all") for k in header) for r in result["rows"]]
     _print_rows(header, rows)
