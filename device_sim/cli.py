@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token", help="admin API bearer token (default $TOKENWELL_TOKEN)")
     add("--provision", action="store_true", help="provision every device through the admin API")
     add("--tokens", type=_ranged(int, 0, 2**62), default=1000, help="allocation when provisioning")
+    add("--account", help="when provisioning: the devices' account (default: each its own)")
+    add("--shared", action="store_true",
+        help="when provisioning: draw from the account's shared pool (not --tokens)")  # fmt: skip
     add("--summary-every", type=_ranged(float, 0.1, 86400), default=5.0, help="seconds")
     add("--connect-timeout", type=_ranged(float, 0.1, 3600), default=10.0, help="seconds")
     return parser
@@ -147,7 +150,13 @@ def _provision(args: argparse.Namespace, devices: Sequence[SimDevice]) -> None:
         for device in devices:
             key = public_key_hex(device.public_key)
             try:
-                client.add_device(device.device_id, key, args.tokens)
+                client.add_device(
+                    device.device_id,
+                    key,
+                    0 if args.shared else args.tokens,
+                    args.account,
+                    pool="shared" if args.shared else None,
+                )
             except ApiRefused as exc:
                 if exc.status != HTTP_CONFLICT:
                     raise
