@@ -35,7 +35,8 @@ of their own are forfeited except up to ``rollover_cap`` tokens, which carry ove
 keep it; then the period's ``tokens`` are granted. A prepaid debt carries over.
 
 **Alerts.** ``thresholds`` are shares of the allocation used; each fires at most once
-per period, when ``used`` first reaches it (``0%``: at the first token; edge-triggered,
+per period, when ``used`` first reaches it (``0%``, or any share of an empty allocation:
+at the first token; edge-triggered,
 so a replayed report, which debits nothing, cannot fire one again). **Top-up**: when
 the balance falls below ``floor`` the pool is granted ``tokens``, once per crossing: the
 rule re-arms only when the balance is back at or above the floor.
@@ -62,7 +63,7 @@ MovementKind = Literal["grant", "settle", "forfeit"]
 
 _DAY_MS = 86_400_000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-MAX_CATCH_UP = 10_000  # period boundaries applied at once after a long outage, at most
+MAX_CATCH_UP = 10_000  # expiries and boundaries applied one by one after an outage, at most
 
 
 def shared_pool_key(account: str) -> str:
@@ -312,16 +313,17 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
         return Outcome(pool)  # the common case, kept cheap: it runs for every batch
     alerts: list[Alert] = []
     fired = list(pool.fired)
-    if pool.allocation > 0:
-        for share in sorted(pool.thresholds):
-            if share not in fired and 0 < pool.used >= share * pool.allocation:
-                fired.append(share)
-                alerts.append(
-                    Alert("threshold", pool.key, now_ms, _details(
-                        threshold=_percent(share), used=pool.used, allocation=pool.allocation,
-                        device=device,
-                    ))
-                )  # fmt: skip
+    for share in sorted(pool.thresholds):
+        # With nothing allocated, any use is past every share: all fire at the first
+        # token (and a top-up that follows cannot make one fire later, on a replay).
+        if share not in fired and 0 < pool.used >= share * pool.allocation:
+            fired.append(share)
+            alerts.append(
+                Alert("threshold", pool.key, now_ms, _details(
+                    threshold=_percent(share), used=pool.used, allocation=pool.allocation,
+                    device=device,
+                ))
+            )  # fmt: skip
     outcome = Outcome(replace(pool, fired=tuple(fired)), (), tuple(alerts))
     if rule is not None and topup_due:
         disarmed = replace(outcome.pool, topup_armed=False)
@@ -379,7 +381,7 @@ def _reset(pool: Pool, at_ms: int) -> Outcome:
     """The period boundary ``at_ms``: settle, forfeit (keeping the rollover), start anew."""
     rule = pool.period
     assert rule is not None
-    outcome = settle(pool, at_ms)
+    outcome = settle(pool, at_ms) if pool.policy != "prepaid" else Outcome(pool)  # a debt stays
     pool = outcome.pool
     bound = [g for g in pool.grants if g.expires_ms is None]
     own = tuple(g for g in pool.grants if g.expires_ms is not None)
@@ -416,10 +418,18 @@ def _reset(pool: Pool, at_ms: int) -> Outcome:
 
 
 def _skip_to(pool: Pool, now_ms: int) -> Outcome:
-    """After ``MAX_CATCH_UP`` boundaries, jump straight to the last one (one reset)."""
-    if pool.period is None or pool.period_end_ms is None or pool.period_end_ms > now_ms:
-        return Outcome(pool)
-    return _reset(pool, period_start(pool.period, now_ms))
+    """After ``MAX_CATCH_UP`` events, jump: the grants expired by the last boundary go,
+    then one reset at that boundary, then what expired since."""
+    outcome = Outcome(pool)
+    if pool.period is not None and pool.period_end_ms is not None:
+        start = period_start(pool.period, now_ms)
+        if start >= pool.period_end_ms:
+            if any(g.expires_ms is not None and g.expires_ms <= start for g in pool.grants):
+                outcome = _expire(pool, start)
+            outcome = outcome.then(_reset(outcome.pool, start))
+    if is_due(outcome.pool, now_ms):
+        outcome = outcome.then(_expire(outcome.pool, now_ms))
+    return outcome
 
 
 def configure_period(pool: Pool, rule: PeriodRule | None, now_ms: int) -> Pool:
