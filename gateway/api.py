@@ -100,6 +100,7 @@ class UsageLine(BaseModel):
     meter: str
     units: int
     tokens: int
+    overage: int = Field(description="of the tokens, those past the pool's zero (billed)")
 
 
 class UsageReply(BaseModel):
@@ -108,9 +109,10 @@ class UsageReply(BaseModel):
     bucket: str
     rows: list[UsageLine]
     total_tokens: int
+    total_overage: int
 
 
-_USAGE_COLUMNS = ("bucket_start", "device", "account", "meter", "units", "tokens")
+_USAGE_COLUMNS = ("bucket_start", "device", "account", "meter", "units", "tokens", "overage")
 _USAGE_CSV: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON by default; with format=csv, the rows as RFC 4180 CSV under a"
@@ -229,10 +231,12 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
                     "meter": r.meter,
                     "units": r.units,
                     "tokens": r.tokens,
+                    "overage": r.overage,
                 }
                 for r in rows
             ],
             "total_tokens": sum(r.tokens for r in rows),
+            "total_overage": sum(r.overage for r in rows),
         }
 
     @app.get("/v1/gateway", dependencies=auth, response_model=GatewayInfo)
@@ -286,7 +290,7 @@ def _usage_csv(rows: list[UsageRow]) -> str:
     writer.writerow(_USAGE_COLUMNS)
     for r in rows:
         start = rfc3339(r.bucket_start_ms) or ""
-        writer.writerow((start, r.device, r.account, r.meter, r.units, r.tokens))
+        writer.writerow((start, r.device, r.account, r.meter, r.units, r.tokens, r.overage))
     return out.getvalue()
 
 

@@ -210,10 +210,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             return 0
         result = client.usage(**filters)
-    header = ("bucket", "device", "account", "meter", "units", "tokens")
+    header = ("bucket", "device", "account", "meter", "units", "tokens", "overage")
     rows = [tuple(str(r[k] if r[k] is not None else "all") for k in header) for r in result["rows"]]
     _print_rows(header, rows)
-    print(f"total tokens: {result['total_tokens']}")
+    print(f"total tokens: {result['total_tokens']} (overage {result['total_overage']})")
     return 0
 
 

@@ -90,7 +90,8 @@ class UsageQuery:
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """Units and tokens of one meter of one device within one bucket (start in ms, UTC)."""
+    """Units and tokens of one meter of one device within one bucket (start in ms, UTC);
+    ``overage``: of those tokens, the ones past its pool's zero (billed separately)."""
 
     bucket_start_ms: int | None
     device: str
@@ -98,6 +99,7 @@ class UsageRow:
     meter: str
     units: int
     tokens: int
+    overage: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +266,11 @@ def filter_debits(debits: Iterable[Debit], query: UsageQuery) -> list[Debit]:
 
 def summarize(debits: Sequence[Debit], bucket: Bucket) -> list[UsageRow]:
     """Group debits by (bucket, device, account, meter), in that sort order."""
-    sums: dict[tuple[int | None, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    sums: dict[tuple[int | None, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for d in debits:
         key = (bucket_start(d.at_ms, bucket), d.device, d.account, d.meter)
         sums[key][0] += d.to_units - d.from_units
         sums[key][1] += d.tokens
+        sums[key][2] += d.overage
     ordered = sorted(sums.items(), key=lambda kv: (kv[0][0] or 0, *kv[0][1:]))
-    return [UsageRow(k[0], k[1], k[2], k[3], units, tokens) for k, (units, tokens) in ordered]
+    return [UsageRow(*key, *totals) for key, totals in ordered]

@@ -391,15 +391,24 @@ class SqliteLedger:
         bucket = _BUCKET_SQL[query.bucket]
         sql = (
             f"SELECT {bucket} AS b, device, account, meter, {_exact_sum('to_units - from_units')},"
-            f" {_exact_sum('tokens')} FROM debits {where} GROUP BY b, device, account, meter"
+            f" {_exact_sum('tokens')}, {_exact_sum('overage')} FROM debits {where}"
+            " GROUP BY b, device, account, meter"
             " ORDER BY b, device, account, meter"
         )
         with self._translated("usage query failed"):
             async with self._r.execute(sql, args) as cursor:
                 rows = await cursor.fetchall()
         return [
-            UsageRow(b, device, account, meter, (u_hi << 32) + u_lo, (t_hi << 32) + t_lo)
-            for b, device, account, meter, u_hi, u_lo, t_hi, t_lo in rows
+            UsageRow(
+                b,
+                device,
+                account,
+                meter,
+                (u_hi << 32) + u_lo,
+                (t_hi << 32) + t_lo,
+                (o_hi << 32) + o_lo,
+            )
+            for b, device, account, meter, u_hi, u_lo, t_hi, t_lo, o_hi, o_lo in rows
         ]
 
     async def evidence(self, devices: Sequence[str], before_ms: int) -> list[Evidence]:

@@ -111,6 +111,8 @@ async def test_an_overage_device_runs_to_its_cap_then_is_blocked_and_overage_is_
     with sqlite3.connect(gw.service.ledger.path) as raw:  # each debit line keeps its overage
         booked = raw.execute("SELECT SUM(overage) FROM debits WHERE pool = ?", (device.id,))
         assert booked.fetchone() == (50,)
+    usage = (await gw.api.get("/v1/usage", params={"device": device.id})).json()
+    assert (usage["total_tokens"], usage["total_overage"]) == (150, 50)  # billed apart
     assert [p.overage for p in snapshot.pools if p.key == device.id] == [50]
 
 

@@ -82,7 +82,15 @@ def expected_rows(reports: Reports, bucket: str, **only: str) -> list[dict[str, 
             sums[key][0] += count - high
             sums[key][1] += ceil(count * prices[meter]) - ceil(high * prices[meter])
     rows = [
-        {"bucket": b or None, "device": d, "account": a, "meter": m, "units": u, "tokens": t}
+        {
+            "bucket": b or None,
+            "device": d,
+            "account": a,
+            "meter": m,
+            "units": u,
+            "tokens": t,
+            "overage": 0,
+        }
         for (b, d, a, m), (u, t) in sorted(sums.items())
     ]
     return [r for r in rows if all(r[k] == v for k, v in only.items())]
@@ -128,7 +136,8 @@ def parse_csv(text: str) -> list[dict[str, Any]]:
     lines = list(csv.DictReader(io.StringIO(text, newline="")))
     return [
         {"bucket": r["bucket_start"] or None, "device": r["device"], "account": r["account"],
-         "meter": r["meter"], "units": int(r["units"]), "tokens": int(r["tokens"])}
+         "meter": r["meter"], "units": int(r["units"]), "tokens": int(r["tokens"]),
+         "overage": int(r["overage"])}
         for r in lines
     ]  # fmt: skip
 
@@ -191,18 +200,18 @@ async def test_csv_is_rfc_4180_with_a_header_and_no_totals(
     """CRLF line ends, one header row, one line a row, bucket_start empty for bucket=all."""
     text = (await gw.api.get("/v1/usage", params={"device": "u-b1", "format": "csv"})).text
     assert text == (
-        "bucket_start,device,account,meter,units,tokens\r\n"
-        ",u-b1,beta,api_calls,51,1\r\n"
-        ",u-b1,beta,gpu_seconds,2,1\r\n"
+        "bucket_start,device,account,meter,units,tokens,overage\r\n"
+        ",u-b1,beta,api_calls,51,1,0\r\n"
+        ",u-b1,beta,gpu_seconds,2,1,0\r\n"
     )
     empty = await gw.api.get("/v1/usage", params={"device": "ghost", "format": "csv"})
-    assert empty.text == "bucket_start,device,account,meter,units,tokens\r\n"
+    assert empty.text == "bucket_start,device,account,meter,units,tokens,overage\r\n"
     hourly = await gw.api.get(
         "/v1/usage", params={"device": "u-b1", "bucket": "hour", "format": "csv"}
     )
     first_report = next(t for device, t, _ in fleet if device == "u-b1")
     first = hourly.text.split("\r\n")[1]
-    assert first == f"{bucket_start(first_report, 'hour')},u-b1,beta,api_calls,50,1"
+    assert first == f"{bucket_start(first_report, 'hour')},u-b1,beta,api_calls,50,1,0"
 
 
 async def test_a_bad_format_is_a_json_error(gw: GatewayHandle) -> None:
@@ -304,9 +313,17 @@ async def test_cli_table_filters_by_device_and_meter(gw: GatewayHandle, fleet: R
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines[0].split() == ["bucket", "device", "account", "meter", "units", "tokens"]
-    assert lines[2].split() == ["all", "u-a2", "acme", "bytes_out", "12345", "13"]
-    assert lines[-1] == "total tokens: 13"
+    assert lines[0].split() == [
+        "bucket",
+        "device",
+        "account",
+        "meter",
+        "units",
+        "tokens",
+        "overage",
+    ]
+    assert lines[2].split() == ["all", "u-a2", "acme", "bytes_out", "12345", "13", "0"]
+    assert lines[-1] == "total tokens: 13 (overage 0)"
 
 
 async def test_cli_wrong_arguments_are_one_line(gw: GatewayHandle) -> None:
