@@ -206,7 +206,6 @@ def configure(pool: Pool, settings: PoolSettings, now_ms: int) -> Pool:
     """``pool`` under new settings. The running numbers are kept; a new period rule takes
     the period holding ``now_ms`` as the current one (its first reset is the next
     boundary); thresholds already fired this period stay fired."""
-    period = pool.period if settings.period == pool.period else None
     configured = replace(
         pool,
         policy=settings.policy,
@@ -216,7 +215,7 @@ def configure(pool: Pool, settings: PoolSettings, now_ms: int) -> Pool:
         topup=settings.topup,
         topup_armed=True if settings.topup != pool.topup else pool.topup_armed,
     )
-    if period is None and settings.period != pool.period:
+    if settings.period != pool.period:
         configured = configure_period(configured, settings.period, now_ms)
     return configured
 
@@ -320,7 +319,7 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
             fired.append(share)
             alerts.append(
                 Alert("threshold", pool.key, now_ms, _details(
-                    threshold=_percent(share), used=pool.used, allocation=pool.allocation,
+                    threshold=format_share(share), used=pool.used, allocation=pool.allocation,
                     device=device,
                 ))
             )  # fmt: skip
@@ -522,7 +521,8 @@ def cap_limit(cap: int | None, used: int) -> Limit | None:
 # --- helpers ------------------------------------------------------------------------
 
 
-def _percent(share: Fraction) -> str:
+def format_share(share: Fraction) -> str:
+    """A share as the exact percentage operators write: ``Fraction(1, 2)`` -> ``"50%"``."""
     return f"{format_price(share * 100)}%"
 
 

@@ -33,7 +33,7 @@ from gateway.metering import (
     next_control,
     raise_highs,
 )
-from gateway.statement import Evidence
+from gateway.statement import HOUR_MS, Evidence
 from gateway.values import evolve
 from gateway.views import Event
 from gateway.wire import (
@@ -168,7 +168,7 @@ def charge_batch(
             continue
         at_ms = _charge_one(item, registry, pricing, now_ms, result)
         if at_ms is not None and payloads is not None:
-            hour = at_ms - at_ms % 3_600_000
+            hour = at_ms - at_ms % HOUR_MS
             key = (item.device, item.boot, hour)
             if key not in evidence or evidence[key].n < item.number:
                 evidence[key] = Evidence(item.device, item.boot, item.number, hour, payloads[index])
@@ -198,9 +198,8 @@ def rebalance(
     ``why`` is given, else only where the level changed."""
     result = BatchResult()
     pool = outcome.pool
-    _record(outcome, registry, result)
-    if any(alert.kind == "period_reset" for alert in outcome.alerts):
-        result.reset.add(pool.key)
+    _record(outcome, result)
+    if pool.key in result.reset:
         why = "period_reset"
     result.pools[pool.key] = pool
     for device_id in sorted(registry.members_of(pool.key)):
@@ -218,17 +217,18 @@ def _advanced_pool(key: str, registry: Registry, now_ms: int, result: BatchResul
     if pool is not None:
         return pool
     outcome = advance(registry.pools[key], now_ms)
-    _record(outcome, registry, result)
-    if any(alert.kind == "period_reset" for alert in outcome.alerts):
-        result.reset.add(key)
+    _record(outcome, result)
     result.pools[key] = outcome.pool
     return outcome.pool
 
 
-def _record(outcome: Outcome, registry: Registry, result: BatchResult) -> None:
+def _record(outcome: Outcome, result: BatchResult) -> None:
+    """Book ``outcome``'s movements and alerts into ``result``, and note a new period."""
     result.write.movements.extend(outcome.movements)
     for alert in outcome.alerts:
         result.events.append(alert_event(alert, outcome.pool, result.reporters.get(alert.pool)))
+        if alert.kind == "period_reset":
+            result.reset.add(alert.pool)
 
 
 def alert_event(alert: Alert, pool: Pool, device: str | None) -> Event:
@@ -246,7 +246,10 @@ def _settle_pools(result: BatchResult, registry: Registry, pricing: Pricing, now
     check: set[str] = {d for d in result.devices if d in registry.devices}
     for key, pool in list(result.pools.items()):
         outcome = after_debit(pool, now_ms, result.reporters.get(key))
-        _record(outcome, registry, result)
+        if outcome.pool is registry.pools[key]:
+            del result.pools[key]  # touched by duplicates only: nothing to write or re-check
+            continue
+        _record(outcome, result)
         result.pools[key] = outcome.pool
         before = limit_level(pool_limit(registry.pools[key]), pricing.ladder)
         after = limit_level(pool_limit(outcome.pool), pricing.ladder)

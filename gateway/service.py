@@ -523,10 +523,6 @@ class MeteringService:
             raise NotFound(f"no device {pool_key!r}")
         return pool
 
-    def pool(self, pool_key: str) -> Pool:
-        """A pool's current state; raises NotFound."""
-        return self._existing_pool(pool_key)
-
     def pool_view(self, pool_key: str) -> dict[str, object]:
         """A pool as the admin API shows it; raises NotFound."""
         return pool_view(self._existing_pool(pool_key), self.registry.members_of(pool_key))

@@ -8,9 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.economics import Pool
+from gateway.economics import Pool, format_share
 from gateway.metering import Device, device_balance, used_now
-from gateway.pricing import format_price
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -119,8 +118,8 @@ def pool_view(pool: Pool, devices: Iterable[str]) -> dict[str, Any]:
             }
             for g in sorted(pool.grants, key=lambda g: g.burn_key)
         ],
-        "thresholds": [f"{format_price(t * 100)}%" for t in pool.thresholds],
-        "fired": [f"{format_price(t * 100)}%" for t in pool.fired],
+        "thresholds": [format_share(t) for t in pool.thresholds],
+        "fired": [format_share(t) for t in pool.fired],
         "topup": None if topup is None else {"floor": topup.floor, "tokens": topup.tokens},
         "topup_armed": pool.topup_armed,
         "devices": sorted(devices),
