@@ -17,6 +17,7 @@ to 2**63 in two boot epochs would otherwise break every usage query).
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
@@ -412,18 +413,18 @@ class SqliteLedger:
         ]
 
     async def evidence(self, devices: Sequence[str], before_ms: int) -> list[Evidence]:
-        # SQLite's MAX() picks the other columns from the row holding the maximum.
+        # One query for all the devices (their ids as a JSON array: no limit on how many
+        # parameters); SQLite's MAX() takes the other columns from the row holding it.
         sql = (
             "SELECT device, boot, MAX(n), hour_ms, envelope FROM evidence"
-            " WHERE device = ? AND hour_ms < ? GROUP BY boot ORDER BY boot"
+            " WHERE device IN (SELECT value FROM json_each(?)) AND hour_ms < ?"
+            " GROUP BY device, boot ORDER BY device, boot"
         )
-        found: list[Evidence] = []
+        ids = json.dumps(sorted(set(devices)))
         with self._translated("cannot read evidence"):
-            for device in sorted(set(devices)):
-                async with self._r.execute(sql, (device, before_ms)) as cursor:
-                    rows = await cursor.fetchall()
-                found.extend(Evidence(d, b, n, h, bytes(e)) for d, b, n, h, e in rows)
-        return found
+            async with self._r.execute(sql, (ids, before_ms)) as cursor:
+                rows = await cursor.fetchall()
+        return [Evidence(d, b, n, h, bytes(e)) for d, b, n, h, e in rows]
 
     async def totals(self, pool: str) -> tuple[int, int]:
         sums = []
