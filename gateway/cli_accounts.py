@@ -222,7 +222,12 @@ def merged(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         body["overage_cap"] = args.overage_cap
     if args.period == "none":
         body["period"] = None
-    elif args.period or args.anchor or args.period_tokens is not None or args.rollover_cap:
+    elif (
+        args.period
+        or args.anchor
+        or args.period_tokens is not None
+        or args.rollover_cap is not None
+    ):
         period = dict(body.get("period") or {"rollover_cap": 0, "tokens": 0})
         for key, value in (
             ("unit", args.period),

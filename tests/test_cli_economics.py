@@ -33,6 +33,11 @@ async def test_a_shared_pool_is_set_up_and_used_through_the_cli(
         pool = gw.service.registry.pools["@acme"]  # only the thresholds changed
         assert (pool.policy, pool.overage_cap, pool.period is not None) == ("overage", 50, True)
         assert [str(t) for t in pool.thresholds] == ["1/2"]
+        for cap in ("30", "0"):  # 0 is a value too, not "not given"
+            rolled = await run_cli("pool", "set", "--account", "acme", "--rollover-cap", cap,
+                                   api=api)  # fmt: skip
+            assert rolled.returncode == 0, rolled.stderr
+            assert f"rollover up to {cap};" in rolled.stdout
 
         grant = ("grant", "--account", "acme", "300", "--priority", "2", "--expires",
                  "2099-01-01", "--idempotency-key", "g")  # fmt: skip
