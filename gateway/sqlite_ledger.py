@@ -3,8 +3,8 @@
 Durability: WAL journal with ``synchronous=FULL``, so a committed transaction survives
 power loss, not only a process crash (``NORMAL`` in WAL mode may lose the last commits
 on power loss). One :class:`~gateway.ledger.LedgerWrite` is one ``BEGIN IMMEDIATE`` ...
-``COMMIT``, written with ``executemany`` (one thread hop per table, not per row: awaiting
-aiosqlite per statement runs near 1,700 rows a second, batches run over 100,000).
+``COMMIT``, written with multi-row ``INSERT`` statements (see :func:`_insert`): a few
+statements per table and batch, not one per row.
 
 A second, read-only connection serves usage queries, so a long report never holds up
 commits (WAL lets readers and the writer run side by side).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -100,25 +100,24 @@ _DEVICE_COLUMNS = (
     "id, public_key, account, pool, used, created_ms, updated_ms, revoked, "
     "last_report_ms, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent, cap, period_ms"
 )
-_UPSERT_DEVICE = (
-    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 18)})"
-)
+_UPSERT_DEVICE = f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES "
 _KEEP_EVIDENCE = (
-    "INSERT INTO evidence (device, boot, hour_ms, n, envelope) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO evidence (device, boot, hour_ms, n, envelope) VALUES ",
     " ON CONFLICT (device, boot, hour_ms) DO UPDATE SET n = excluded.n,"
-    " envelope = excluded.envelope WHERE excluded.n > evidence.n"
+    " envelope = excluded.envelope WHERE excluded.n > evidence.n",
 )
-_UPSERT_POOL = "INSERT OR REPLACE INTO pools (key, account, state) VALUES (?, ?, ?)"
-_UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high) VALUES (?, ?, ?, ?)"
+_UPSERT_POOL = "INSERT OR REPLACE INTO pools (key, account, state) VALUES "
+_UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high) VALUES "
 _INSERT_DEBIT = (
     "INSERT INTO debits (device, account, boot, meter, from_units, to_units, tokens, at_ms,"
-    " received_ms, pool, overage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " received_ms, pool, overage) VALUES "
 )
 _MOVEMENT_COLUMNS = (
     "pool, account, kind, tokens, at_ms, grant_seq, grant_kind, priority, expires_ms,"
     " idempotency_key, device"
 )
-_INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS}) VALUES ({', '.join('?' * 11)})"
+_INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS}) VALUES "
+_MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _LOW_BITS = 2**32 - 1
 _BUCKET_SQL = {
     "all": "NULL",
@@ -161,6 +160,11 @@ def device_from_row(row: tuple[Any, ...], names: dict[str, str] | None = None) -
 _STORAGE_ERRORS = (sqlite3.Error, OverflowError, InvalidMessage, ValueError, KeyError, TypeError)
 _POLICY: dict[str, Policy] = {p: p for p in POLICIES}
 _KIND: dict[str, GrantKind] = {k: k for k in GRANT_KINDS}
+
+
+def pool_row(pool: Pool) -> tuple[str, str, bytes]:
+    """The ``pools`` row of ``pool``."""
+    return (pool.key, pool.account, pool_state(pool))
 
 
 def pool_state(pool: Pool) -> bytes:
@@ -289,7 +293,8 @@ class SqliteLedger:
             for statement in _MIGRATE_FROM_1:
                 await conn.execute(statement)
             pools = [_pool_from_1(*row) for row in rows]
-            await conn.executemany(_UPSERT_POOL, [(p.key, p.account, pool_state(p)) for p in pools])
+            for sql, parameters in _insert(_UPSERT_POOL, [pool_row(p) for p in pools]):
+                await conn.execute(sql, parameters)
             await conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (b"2",))
             await conn.execute("COMMIT")
         except BaseException:
@@ -348,34 +353,10 @@ class SqliteLedger:
         return Snapshot(devices, highs, pools)
 
     async def commit(self, write: LedgerWrite) -> None:
-        conn = self._w
+        """One transaction, run as one call on the writer's thread (see :func:`_write`)."""
+        statements = _statements(write)  # rows built here, on the caller's thread
         with self._translated("commit failed"):
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                await self._apply(conn, write)
-                await conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # some errors end the transaction themselves
-                    await conn.execute("ROLLBACK")
-                raise
-
-    @staticmethod
-    async def _apply(conn: aiosqlite.Connection, write: LedgerWrite) -> None:
-        if write.devices:
-            await conn.executemany(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
-        if write.pools:
-            pools = [(p.key, p.account, pool_state(p)) for p in write.pools]
-            await conn.executemany(_UPSERT_POOL, pools)
-        if write.highs:
-            highs = [(h.device, h.boot, h.meter, h.high) for h in write.highs]
-            await conn.executemany(_UPSERT_HIGH, highs)
-        if write.debits:
-            await conn.executemany(_INSERT_DEBIT, [_debit_row(d) for d in write.debits])
-        if write.movements:
-            await conn.executemany(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])
-        if write.evidence:
-            kept = [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence]
-            await conn.executemany(_KEEP_EVIDENCE, kept)
+            await _on_thread(self._w, _write, statements)
 
     async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
         sql = (
@@ -445,6 +426,70 @@ class SqliteLedger:
     async def set_meta(self, key: str, value: bytes) -> None:
         with self._translated("cannot write meta"):
             await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+Statement = tuple[str, list[Any]]  # SQL and its parameters
+
+
+def _statements(write: LedgerWrite) -> list[Statement]:
+    """The statements that commit ``write``: a few multi-row ``INSERT``s per table."""
+    return [
+        *_insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices]),
+        *_insert(_UPSERT_POOL, [pool_row(p) for p in write.pools]),
+        *_insert(_UPSERT_HIGH, [(h.device, h.boot, h.meter, h.high) for h in write.highs]),
+        *_insert(_INSERT_DEBIT, [_debit_row(d) for d in write.debits]),
+        *_insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements]),
+        *_insert(
+            _KEEP_EVIDENCE[0],
+            [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence],
+            _KEEP_EVIDENCE[1],
+        ),
+    ]
+
+
+def _insert(head: str, rows: list[tuple[Any, ...]], tail: str = "") -> Iterator[Statement]:
+    """``rows`` (in order) as statements ``head`` + ``VALUES`` rows + ``tail``, as many
+    rows to a statement as SQLite's parameter limit allows.
+
+    Why not ``executemany``: sqlite3 releases the GIL around every row it steps, and when
+    other threads want it (paho's, the event loop, the verify threads) each row queues for
+    it again, up to the 5 ms switch interval each time: a commit of 500 reports took 8.5 s
+    beside one busy Python thread, 10 ms without. A multi-row ``INSERT`` is one step.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per_statement = _MAX_PARAMETERS // width
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+        yield head + values + tail, [value for row in chunk for value in row]
+
+
+def _write(conn: sqlite3.Connection, statements: Sequence[Statement]) -> None:
+    """Run ``statements`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, parameters in statements:
+            conn.execute(sql, parameters)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # some errors end the transaction themselves
+            conn.execute("ROLLBACK")
+        raise
+
+
+async def _on_thread(
+    conn: aiosqlite.Connection, function: Callable[[sqlite3.Connection, Any], Any], arg: Any
+) -> Any:
+    """Run ``function(sqlite3_connection, arg)`` on ``conn``'s own thread, in one hop.
+
+    aiosqlite runs every statement as a separate hop to its thread and back, each of which
+    waits for the GIL twice; a commit of seven statements took seven hops. This uses
+    aiosqlite's queue of calls (``Connection._execute``, the method its own public ones
+    use) to run a whole transaction in one, on the thread that owns the connection.
+    """
+    return await conn._execute(lambda: function(conn._conn, arg))  # type: ignore[no-untyped-call]
 
 
 def _exact_sum(expr: str) -> str:

@@ -121,6 +121,25 @@ async def test_devices_and_highs_are_upserted_debits_and_grants_appended(ledger:
     assert await ledger.totals("a") == (200, 9)
 
 
+async def test_a_write_larger_than_one_statement_comes_back_whole_and_in_order(
+    ledger: Ledger,
+) -> None:
+    """SQLite writes many rows per statement, up to its limit on parameters (32,766): a
+    batch past it spans several statements, and rows apply in order (a later upsert of a
+    key wins, debits keep their order)."""
+    names = [f"d{i:05d}" for i in range(2_000)]  # x 18 columns: two device statements
+    marks = [HighMark(name, 1, "x", step) for step in (1, 2, 3, 4, 5) for name in names]
+    debits = [debit(name, "x", 0, 1 + i, 1, T0 + i) for i, name in enumerate(names * 2)]
+    await ledger.commit(
+        LedgerWrite(devices=[device(name) for name in names], highs=marks, debits=debits)
+    )
+    snapshot = await ledger.load()
+    assert sorted(d.id for d in snapshot.devices) == names
+    assert {(h.device, h.high) for h in snapshot.highs} == {(name, 5) for name in names}
+    rows = await ledger.usage(UsageQuery(bucket="all"))
+    assert sum(row.tokens for row in rows) == len(debits)
+
+
 async def test_an_empty_write_changes_nothing(ledger: Ledger) -> None:
     await ledger.commit(LedgerWrite())
     snapshot = await ledger.load()
