@@ -134,7 +134,7 @@ class MqttClient:
         inbox: asyncio.Queue[Incoming] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_published: Callable[[int], None] | None = None,
-        max_inflight: int = 1000,
+        max_inflight: int = 0,
         max_unacknowledged: int | None = None,
     ) -> None:
         self._url = url
@@ -160,6 +160,8 @@ class MqttClient:
             protocol=paho.MQTTv311,
             manual_ack=manual_ack,
         )
+        # 0: no limit. With one, paho scans its whole outgoing queue on every PUBACK
+        # (78 against 37 us of CPU a publish); the fleet-state flush bounds what is in flight.
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)  # 0: unbounded; back-pressure is upstream
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)

@@ -299,6 +299,11 @@ class MeteringService:
         self._rejected_events = (second, used + 1)
         return used < MAX_REJECTED_EVENTS
 
+    @property
+    def fleet_state_due(self) -> int:
+        """How many retained messages :meth:`flush_fleet_state` has to publish."""
+        return len(self._republish) + len(self._dirty)
+
     def flush_fleet_state(self, limit: int = 5000) -> int:
         """Publish up to ``limit`` retained messages due (controls to re-publish, then the
         state of changed devices); returns how many.
