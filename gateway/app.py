@@ -142,11 +142,12 @@ class Gateway:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(service.verify_stage(self.stopping), name="verify")
-                charging = tasks.create_task(service.charge_stage(self.stopping), name="charge")
+                tasks.create_task(service.charge_stage(), name="charge")
+                committing = tasks.create_task(service.commit_stage(self.stopping), name="commit")
                 tasks.create_task(self._fleet_state(service), name="fleet-state")
                 tasks.create_task(server.serve(sockets=[sock]), name="admin-api")
                 tasks.create_task(self._announce_ready(server), name="ready")
-                await charging  # ends once stopping is set and in-flight work is committed
+                await committing  # ends once stopping is set and in-flight work is committed
                 server.should_exit = True
                 self.stopping.set()
         finally:

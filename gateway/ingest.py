@@ -13,9 +13,10 @@ Two steps, so the gateway can run them as a pipeline:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -45,6 +46,8 @@ from gateway.wire import (
     decode_usage_body,
     is_device_id,
 )
+
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,80 @@ class Registry:
         if key.startswith("@"):
             return self.members.get(key, set())
         return {key} if key in self.devices else set()
+
+
+class RegistryView(Protocol):
+    """What charging reads of the registry: committed state, or :class:`Staged`."""
+
+    @property
+    def devices(self) -> Mapping[str, Device]: ...
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    def members_of(self, key: str) -> set[str]: ...
+
+
+class Layered(Mapping[str, _V]):
+    """A mapping that reads ``top`` first, then ``base``; only ``top`` is ever written."""
+
+    __slots__ = ("base", "top")
+
+    def __init__(self, base: Mapping[str, _V]) -> None:
+        self.top: dict[str, _V] = {}
+        self.base = base
+
+    def __getitem__(self, key: str) -> _V:
+        value = self.top.get(key)
+        return self.base[key] if value is None else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.top.get(key)
+        return self.base.get(key, default) if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.top or key in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.top
+        yield from (key for key in self.base if key not in self.top)
+
+    def __len__(self) -> int:
+        return len(self.base) + sum(key not in self.base for key in self.top)
+
+
+class Staged:
+    """The registry as the charge stage sees it: committed state plus the effects of the
+    batches charged and not yet committed, so that batch N+1 is charged while N commits.
+
+    Batches are staged and unstaged in the same order (commits are in order); what is
+    staged is seen by nothing but :func:`charge_batch`. Device membership of pools only
+    changes through admin operations, which wait until nothing is staged.
+    """
+
+    def __init__(self, committed: Registry) -> None:
+        self.committed = committed
+        self.devices: Layered[Device] = Layered(committed.devices)
+        self.pools: Layered[Pool] = Layered(committed.pools)
+        self.batches = 0  # staged, not yet unstaged
+
+    def members_of(self, key: str) -> set[str]:
+        return self.committed.members_of(key)
+
+    def stage(self, result: BatchResult) -> None:
+        """Make ``result`` (charged, not yet committed) the state the next batch sees."""
+        self.devices.top.update(result.devices)
+        self.pools.top.update(result.pools)
+        self.batches += 1
+
+    def unstage(self, result: BatchResult) -> None:
+        """``result`` is committed and applied to the registry: drop what it staged,
+        unless a later batch has staged a newer value since."""
+        for layer, values in ((self.devices.top, result.devices), (self.pools.top, result.pools)):
+            for key, value in values.items():
+                if layer.get(key) is value:
+                    del layer[key]
+        self.batches -= 1
 
 
 def verify(device_id: str | None, payload: bytes, registry: Registry) -> UsageReport | Rejected:
@@ -150,7 +227,7 @@ class BatchResult:
 
 def charge_batch(
     items: Sequence[UsageReport | Rejected],
-    registry: Registry,
+    registry: RegistryView,
     pricing: Pricing,
     now_ms: int,
     payloads: Sequence[bytes] | None = None,
@@ -211,7 +288,7 @@ def rebalance(
     return result
 
 
-def _advanced_pool(key: str, registry: Registry, now_ms: int, result: BatchResult) -> Pool:
+def _advanced_pool(key: str, registry: RegistryView, now_ms: int, result: BatchResult) -> Pool:
     """Pool ``key`` as this batch has it, brought up to ``now_ms`` on first touch."""
     pool = result.pools.get(key)
     if pool is not None:
@@ -239,7 +316,9 @@ def alert_event(alert: Alert, pool: Pool, device: str | None) -> Event:
     return Event(alert.kind, owner, alert.at_ms, details)
 
 
-def _settle_pools(result: BatchResult, registry: Registry, pricing: Pricing, now_ms: int) -> None:
+def _settle_pools(
+    result: BatchResult, registry: RegistryView, pricing: Pricing, now_ms: int
+) -> None:
     """After a batch's debits: alerts and top-ups per pool, then control messages for
     every device whose level may have changed (all of a pool's devices when the pool's
     own level changed or its period began anew)."""
@@ -266,7 +345,7 @@ def _settle_pools(result: BatchResult, registry: Registry, pricing: Pricing, now
 
 
 def _charge_one(
-    report: UsageReport, registry: Registry, pricing: Pricing, now_ms: int, result: BatchResult
+    report: UsageReport, registry: RegistryView, pricing: Pricing, now_ms: int, result: BatchResult
 ) -> int | None:
     """Charge one report into ``result``; returns the time its usage is attributed to
     when it charged (raised a counter), else None."""

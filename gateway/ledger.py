@@ -75,6 +75,25 @@ class LedgerWrite:
             or self.evidence
         )  # fmt: skip
 
+    @classmethod
+    def combined(cls, writes: Sequence[LedgerWrite]) -> LedgerWrite:
+        """One write with the effect of committing ``writes`` one after the other: the
+        last value of each device, pool and high mark; every debit, movement and piece of
+        evidence, in order (group commit: one transaction, one fsync, for several)."""
+        if len(writes) == 1:
+            return writes[0]
+        devices = {d.id: d for w in writes for d in w.devices}
+        pools = {p.key: p for w in writes for p in w.pools}
+        highs = {(h.device, h.boot, h.meter): h for w in writes for h in w.highs}
+        return cls(
+            list(devices.values()),
+            list(pools.values()),
+            list(highs.values()),
+            [d for w in writes for d in w.debits],
+            [m for w in writes for m in w.movements],
+            [e for w in writes for e in w.evidence],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class UsageQuery:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
@@ -47,6 +47,7 @@ from gateway.ingest import (
     Pricing,
     Registry,
     Rejected,
+    Staged,
     charge_batch,
     pass_time,
     rebalance,
@@ -65,6 +66,7 @@ log = logging.getLogger("tokenwell.gateway")
 
 Clock = Callable[[], int]  # milliseconds since the Unix epoch
 MAX_BATCH = 1000
+MAX_GROUP = 8  # charged batches waiting for the commit stage, at most; committed together
 MAX_REJECTED_EVENTS = 200  # rejected events published a second; the rest only counted
 MAX_UNCONFIRMED = 2000  # retained publishes in flight before the fleet-state flush waits
 INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
@@ -119,7 +121,13 @@ class MeteringService:
         self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
         self._verified: asyncio.Queue[tuple[list[Incoming], list[UsageReport | Rejected]]]
         self._verified = asyncio.Queue(maxsize=2)
+        self._staged = Staged(self.registry)
+        self._idle = asyncio.Event()  # set while no batch is charged and uncommitted
+        self._idle.set()
+        self._charged: asyncio.Queue[tuple[list[Incoming], BatchResult]]
+        self._charged = asyncio.Queue(maxsize=MAX_GROUP)
         self.committed = asyncio.Condition()  # notified after every committed batch
+        self.charged = asyncio.Condition()  # notified after every charged (staged) batch
         self.ledger_healthy = True
         self.backlog_high_water = 0  # most reports ever held unacknowledged at once
         self.processed = 0  # reports committed and acknowledged, whatever their outcome
@@ -192,25 +200,62 @@ class MeteringService:
         futures = [loop.run_in_executor(self._pool, _verify_all, c, self.registry) for c in chunks]
         return [item for part in await asyncio.gather(*futures) for item in part]
 
-    async def charge_stage(self, stopping: asyncio.Event) -> None:
-        """Charge, commit, then acknowledge and publish, batch after batch, in order."""
+    async def charge_stage(self) -> None:
+        """Charge batch after batch, in order, against the committed state plus what is
+        still committing (:class:`~gateway.ingest.Staged`), and hand each to the commit
+        stage: batch N+1 is charged while batch N commits."""
         while True:
             batch, items = await self._verified.get()
             if not batch:
-                return
+                break
             async with self._lock:
                 payloads = [message.payload for message in batch]
                 now = self._clock()
-                result = charge_batch(items, self.registry, self.pricing, now, payloads)
-                await self._commit(result.write, stopping)
+                result = charge_batch(items, self._staged, self.pricing, now, payloads)
+                self._staged.stage(result)
+                self._idle.clear()
+            async with self.charged:
+                self.charged.notify_all()
+            await self._charged.put((batch, result))
+        await self._charged.put(([], BatchResult()))  # tells the commit stage to finish
+
+    async def commit_stage(self, stopping: asyncio.Event) -> None:
+        """Commit charged batches, in order; only then make each visible, acknowledge its
+        reports and publish its control messages. Batches that are waiting when a commit
+        starts go into it together (one transaction, one fsync). Ends once the charge
+        stage has ended and everything it charged is committed."""
+        finished = False
+        while not finished:
+            group = [await self._charged.get()]
+            while not self._charged.empty() and len(group) < MAX_GROUP:
+                group.append(self._charged.get_nowait())
+            finished = not group[-1][0]
+            group = [(batch, result) for batch, result in group if batch]
+            if not group:
+                continue
+            await self._commit(LedgerWrite.combined([r.write for _, r in group]), stopping)
+            for _, result in group:
                 self.registry.apply(result.devices, result.pools.values())
+                self._staged.unstage(result)
+            if not self._staged.batches:
+                self._idle.set()
             assert self._mqtt is not None
-            for message in batch:
-                self._mqtt.ack(message)
-            self.processed += len(batch)
-            self._after_batch(result, len(batch))
+            for batch, result in group:
+                for message in batch:
+                    self._mqtt.ack(message)
+                self.processed += len(batch)
+                self._after_batch(result, len(batch))
             async with self.committed:
                 self.committed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Hold the service for an admin operation: no batch is charged meanwhile, and
+        every batch already charged is committed first (the registry is then the whole
+        truth, and an admin write cannot be overwritten by a batch charged before it)."""
+        async with self._lock:
+            await self._idle.wait()
+            yield
 
     async def _commit(self, write: LedgerWrite, stopping: asyncio.Event) -> None:
         """Commit, retrying with back-off until it succeeds (nothing is acked before).
@@ -360,7 +405,7 @@ class MeteringService:
         if shared and (tokens or settings is not None):
             raise BadRequest("a device on its account's shared pool takes no tokens or policy:"
                              " grant them to the account's pool")  # fmt: skip
-        async with self._lock:
+        async with self._exclusive():
             if device_id in self.registry.devices:
                 raise Conflict(f"device {device_id!r} already exists")
             now = self._clock()
@@ -430,7 +475,7 @@ class MeteringService:
         _check_tokens(tokens, allow_zero=False)
         if type(priority) is not int or not 0 <= priority <= 1000:
             raise BadRequest("priority must be a whole number from 0 to 1000")
-        async with self._lock:
+        async with self._exclusive():
             pool = self._existing_pool(pool_key)
             if idempotency_key is not None:
                 earlier = await self.ledger.find_grant(pool_key, idempotency_key)
@@ -460,7 +505,7 @@ class MeteringService:
     ) -> Pool:
         """Set a pool's policy, period, alerts and top-up; creates an account's shared pool
         (``account`` given) when it does not exist yet. Devices on it are re-evaluated."""
-        async with self._lock:
+        async with self._exclusive():
             now = self._clock()
             existing = self.registry.pools.get(pool_key)
             if existing is None:
@@ -476,7 +521,7 @@ class MeteringService:
 
     async def revoke(self, device_id: str) -> Device:
         """Revoke a device: its reports are rejected from now on and it is sent ``block``."""
-        async with self._lock:
+        async with self._exclusive():
             device = self._existing(device_id)
             if device.revoked:
                 return device
@@ -498,7 +543,7 @@ class MeteringService:
         due = [key for key, pool in self.registry.pools.items() if is_due(pool, now)]
         if not due:
             return
-        async with self._lock:
+        async with self._exclusive():
             result = pass_time(self.registry, self.pricing, now, due)
             try:
                 await self._commit_admin(result.write)

@@ -140,6 +140,53 @@ async def test_a_write_larger_than_one_statement_comes_back_whole_and_in_order(
     assert sum(row.tokens for row in rows) == len(debits)
 
 
+async def test_writes_combined_into_one_commit_as_if_committed_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Group commit: ``LedgerWrite.combined`` leaves the ledger exactly as the writes
+    committed one after the other (last value of each row, every debit, the latest
+    evidence)."""
+    evidence = [Evidence("a", 1, n, T0, f"a-{n}".encode()) for n in (5, 9, 7)]
+    writes = [
+        LedgerWrite(
+            devices=[device("a"), device("b")],
+            pools=[Pool("a", "acme", allocation=100)],
+            highs=[HighMark("a", 1, "x", 5)],
+            debits=[debit("a", "x", 0, 5, 5, T0)],
+            movements=[grant("a", 100, "initial", T0)],
+            evidence=evidence[:1],
+        ),
+        LedgerWrite(
+            devices=[replace(device("a"), used=90)],
+            pools=[Pool("a", "acme", allocation=100, used=9)],
+            highs=[HighMark("a", 1, "x", 9), HighMark("a", 2, "x", 1)],
+            debits=[debit("a", "x", 5, 9, 4, T0 + 1)],
+            evidence=evidence[1:],
+        ),
+    ]
+    one_by_one, together = SqliteLedger(tmp_path / "a.db"), SqliteLedger(tmp_path / "b.db")
+    for store in (one_by_one, together):
+        await store.open()
+    try:
+        for write in writes:
+            await one_by_one.commit(write)
+        await together.commit(LedgerWrite.combined(writes))
+        first, second = await one_by_one.load(), await together.load()
+        assert sorted(first.devices, key=lambda d: d.id) == sorted(
+            second.devices, key=lambda d: d.id
+        )
+        assert sorted(first.highs, key=str) == sorted(second.highs, key=str)
+        assert first.pools == second.pools
+        for store in (one_by_one, together):
+            assert await store.totals("a") == (100, 9)
+            assert await store.evidence(["a"], T0 + 1) == [evidence[1]]  # n 9, not 7
+        query = UsageQuery(bucket="hour")
+        assert await one_by_one.usage(query) == await together.usage(query)
+    finally:
+        for store in (one_by_one, together):
+            await store.close()
+
+
 async def test_an_empty_write_changes_nothing(ledger: Ledger) -> None:
     await ledger.commit(LedgerWrite())
     snapshot = await ledger.load()
