@@ -141,16 +141,27 @@ def device_row(device: Device) -> tuple[Any, ...]:
 
 
 def device_from_row(row: tuple[Any, ...], names: dict[str, str] | None = None) -> Device:
-    """The inverse of :func:`device_row`; ``names`` shares equal account strings."""
+    """The inverse of :func:`device_row`. ``names`` shares equal strings (ids, accounts,
+    control states and reasons) between records, and equal time stamps within a record
+    share one object: 100,000 devices each holding their own ``"acme"``, ``"ok"`` and
+    ``"provisioned"`` cost about 17 MB."""
     (id_, key, account, pool, used, created, updated, revoked, last, *ctl) = row
     if names is not None:
+        id_ = names.setdefault(id_, id_)
         account = names.setdefault(account, account)
         pool = id_ if pool == id_ else names.setdefault(pool, pool)
+    stamps = {created: created}
+    updated = stamps.setdefault(updated, updated)
+    if last is not None:
+        last = stamps.setdefault(last, last)
     *ctl, sent, cap, period_ms = ctl
     control = None
     if ctl[0] is not None:
-        n, t, s, r, bal, why = ctl
-        control = ControlMessage(id_, n, t, s, r, bal, why)
+        n, t, state, r, bal, why = ctl
+        if names is not None:
+            state = names.setdefault(state, state)
+            why = why if why is None else names.setdefault(why, why)
+        control = ControlMessage(id_, n, stamps.setdefault(t, t), state, r, bal, why)
     return Device(
         id_, bytes(key), account, pool, used, created, updated, bool(revoked), last,
         control, sent, cap=cap, period_ms=period_ms,
@@ -345,11 +356,15 @@ class SqliteLedger:
 
     async def load(self) -> Snapshot:
         with self._translated("cannot load"):  # a stored control message may be corrupt
+            names: dict[str, str] = {}
             async with self._w.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices") as cursor:
-                devices = [device_from_row(tuple(row)) for row in await cursor.fetchall()]
+                rows = await cursor.fetchall()
+                devices = [device_from_row(tuple(row), names) for row in rows]
             async with self._w.execute("SELECT device, boot, meter, high FROM highs") as cursor:
-                highs = [HighMark(*row) for row in await cursor.fetchall()]
-            names = {d.id: d.id for d in devices} | {d.account: d.account for d in devices}
+                highs = [
+                    HighMark(names.get(device, device), boot, names.setdefault(meter, meter), high)
+                    for device, boot, meter, high in await cursor.fetchall()
+                ]
             async with self._w.execute("SELECT state FROM pools") as cursor:
                 pools = [pool_from_state(row[0], names) for row in await cursor.fetchall()]
         return Snapshot(devices, highs, pools)

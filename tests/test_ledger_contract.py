@@ -639,3 +639,30 @@ async def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         assert await again.totals("a") == (100, 30)
     finally:
         await again.close()
+
+
+async def test_loaded_records_share_equal_strings_and_time_stamps(tmp_path: Path) -> None:
+    """Memory at 100,000 devices: equal accounts, control states and reasons, meters and
+    a dedicated pool's key are one object each, not one per device."""
+    store = SqliteLedger(tmp_path / "l.sqlite3")
+    await store.open()
+    try:
+        marks = [HighMark("a", 1, "api_calls", 5), HighMark("b", 1, "api_calls", 7)]
+        pools = [Pool("a", "acme"), Pool("b", "acme")]
+        await store.commit(
+            LedgerWrite(devices=[device("a", control=True), device("b", control=True)],
+                        highs=marks, pools=pools)
+        )  # fmt: skip
+        snapshot = await store.load()
+    finally:
+        await store.close()
+    a, b = sorted(snapshot.devices, key=lambda d: d.id)
+    assert a.account is b.account
+    assert a.control is not None
+    assert b.control is not None
+    assert a.control.state is b.control.state
+    assert a.control.why is b.control.why
+    assert snapshot.highs[0].meter is snapshot.highs[1].meter
+    pool_a = next(p for p in snapshot.pools if p.key == "a")
+    assert pool_a.key is a.id
+    assert a.pool is a.id
