@@ -229,8 +229,9 @@ class MeteringService:
             group = [await self._charged.get()]
             while not self._charged.empty() and len(group) < MAX_GROUP:
                 group.append(self._charged.get_nowait())
-            finished = not group[-1][0]
-            group = [(batch, result) for batch, result in group if batch]
+            finished = not group[-1][0]  # the charge stage's last word, always last
+            if finished:
+                group.pop()
             if not group:
                 continue
             await self._commit(LedgerWrite.combined([r.write for _, r in group]), stopping)

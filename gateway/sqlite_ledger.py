@@ -141,16 +141,15 @@ def device_row(device: Device) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def device_from_row(row: tuple[Any, ...], names: dict[str, str] | None = None) -> Device:
+def device_from_row(row: tuple[Any, ...], names: dict[str, str]) -> Device:
     """The inverse of :func:`device_row`. ``names`` shares equal strings (ids, accounts,
     control states and reasons) between records, and equal time stamps within a record
-    share one object: 100,000 devices each holding their own ``"acme"``, ``"ok"`` and
-    ``"provisioned"`` cost about 17 MB."""
+    share one object: with :func:`pool_from_state`, that took the registry loaded from
+    20,000 devices from 1,228 to 941 bytes per device."""
     (id_, key, account, pool, used, created, updated, revoked, last, *ctl) = row
-    if names is not None:
-        id_ = names.setdefault(id_, id_)
-        account = names.setdefault(account, account)
-        pool = id_ if pool == id_ else names.setdefault(pool, pool)
+    id_ = names.setdefault(id_, id_)
+    account = names.setdefault(account, account)
+    pool = id_ if pool == id_ else names.setdefault(pool, pool)
     stamps = {created: created}
     updated = stamps.setdefault(updated, updated)
     if last is not None:
@@ -159,14 +158,17 @@ def device_from_row(row: tuple[Any, ...], names: dict[str, str] | None = None) -
     control = None
     if ctl[0] is not None:
         n, t, state, r, bal, why = ctl
-        if names is not None:
-            state = names.setdefault(state, state)
-            why = why if why is None else names.setdefault(why, why)
-        control = ControlMessage(id_, n, stamps.setdefault(t, t), state, r, bal, why)
+        t = stamps.setdefault(t, t)
+        control = ControlMessage(id_, n, t, _shared(names, state), r, bal, _shared(names, why))
     return Device(
         id_, bytes(key), account, pool, used, created, updated, bool(revoked), last,
         control, sent, cap=cap, period_ms=period_ms,
     )  # fmt: skip
+
+
+def _shared(names: dict[str, str], value: Any) -> Any:
+    """``value`` as the one object in ``names`` equal to it (None stays None)."""
+    return value if value is None else names.setdefault(value, value)
 
 
 # What a refused write or a corrupt record raises (a value too big for SQLite, a bad
