@@ -130,7 +130,8 @@ class Drain:
     startup_seconds: float
     batches: Batches
     loop_cpu: float  # the main thread's: the event loop
-    busiest_thread_cpu: float  # the busiest other thread's
+    busiest_thread_cpu: float  # the busiest other thread's, in the gateway's own process
+    receiver_cpu: float  # the receiver process's (gateway.receiver), included in gateway_cpu
 
     @property
     def rate(self) -> float:
@@ -163,14 +164,15 @@ def drain(
         settle(rig, setup.topics)
         process.pause()
         mqtt.publish_all(rig.broker, topics_of(setup.topics.prefix, reports))
-        cpu, broker_cpu = process.cpu_seconds(), rig.broker_cpu()
+        cpu, broker_cpu = process.cpu_seconds_by_process(), rig.broker_cpu()
         threads = process.thread_cpu_seconds()
         sampling = profiling(process.pid, profile) if profile else contextlib.nullcontext()
         with sampling:
             process.resume()
             start = time.perf_counter()
             end = wait_counted(process, len(reports), timeout=60 + len(reports) / 200)
-        cpu, broker_cpu = process.cpu_seconds() - cpu, rig.broker_cpu() - broker_cpu
+        by_process = {p: s - cpu.get(p, 0.0) for p, s in process.cpu_seconds_by_process().items()}
+        broker_cpu = rig.broker_cpu() - broker_cpu
         used = {tid: s - threads.get(tid, 0.0) for tid, s in process.thread_cpu_seconds().items()}
         _check_all_charged(process, len(reports))
         batches = Batches.of(process)
@@ -179,7 +181,10 @@ def drain(
     busiest = max(used.values(), default=0.0)
     seconds = end - start
     startup = process.startup_seconds
-    return Drain(len(reports), seconds, cpu, broker_cpu, startup, batches, loop, busiest)
+    total, receiver = sum(by_process.values()), sum(by_process.values()) - by_process[process.pid]
+    return Drain(
+        len(reports), seconds, total, broker_cpu, startup, batches, loop, busiest, receiver
+    )
 
 
 def _check_all_charged(process: GatewayProcess, expected: int) -> None:

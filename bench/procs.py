@@ -2,7 +2,9 @@
 
 It runs exactly as an operator runs it (``python -m gateway.cli gateway ...``), so its CPU
 time (``utime + stime`` of ``/proc/PID/stat``) and resident memory (``VmRSS`` of
-``/proc/PID/status``) are its own and nobody else's. It is *ready* when it logs its
+``/proc/PID/status``) are its own and nobody else's. They are summed over its process
+tree: the gateway and the receiver process it starts (``gateway.receiver``); pausing and
+resuming signal the whole tree. It is *ready* when it logs its
 ``gateway ready`` line on stderr; a thread reads stderr throughout (a full pipe would
 stall the gateway) and keeps the tail for error messages. Progress is read from its
 Prometheus counters (``GET /metrics``): a report is counted there once its batch is
@@ -55,6 +57,16 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             used[int(task.name)] = cpu_seconds_of(task / "stat")
     return used
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants, parents first."""
+    tree = [pid]
+    for parent in tree:  # grows while it is walked
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                tree.extend(int(child) for child in (task / "children").read_text().split())
+    return tree
 
 
 def memory_mib(pid: int, key: str = "VmRSS") -> float:
@@ -147,21 +159,37 @@ class GatewayProcess:
             raise BenchError(f"gateway exited with status {code}\n{self.log_tail()}")
 
     def pause(self) -> None:
-        """Freeze the gateway (SIGSTOP): it stays connected, but reads nothing."""
-        self.process.send_signal(signal.SIGSTOP)
+        """Freeze the gateway and its receiver (SIGSTOP): connected, reading nothing."""
+        self._signal_tree(signal.SIGSTOP)
 
     def resume(self) -> None:
         """Let a paused gateway run again (SIGCONT)."""
-        self.process.send_signal(signal.SIGCONT)
+        self._signal_tree(signal.SIGCONT)
+
+    def _signal_tree(self, signum: int) -> None:
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the whole tree (gateway and receiver)."""
+        return sum(self.cpu_seconds_by_process().values())
+
+    def cpu_seconds_by_process(self) -> dict[int, float]:
+        """CPU seconds of each process of the tree, by process id."""
+        used = {}
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                used[pid] = cpu_seconds(pid)
+        return used
 
     def thread_cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds of each thread of the gateway's own process (not its children)."""
         return thread_cpu_seconds(self.pid)
 
     def memory_mib(self, key: str = "VmRSS") -> float:
-        return memory_mib(self.pid, key)
+        """``key`` summed over the tree (for ``VmHWM``, the sum of each process's peak)."""
+        return sum(memory_mib(pid, key) for pid in process_tree(self.pid))
 
     def counted(self) -> dict[str, int]:
         """Reports committed so far, by outcome (``charged``, ``duplicate``, ``rejected``)."""

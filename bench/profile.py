@@ -62,7 +62,7 @@ def profiling(pid: int, out: Path, rate: int = 250) -> Iterator[None]:
 def _sample(pid: int, out: Path, rate: int, *extra: str) -> subprocess.Popen[bytes]:
     command = [
         py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-        "--output", str(out), "--nonblocking", "--threads", *extra,
+        "--output", str(out), "--nonblocking", "--threads", "--subprocesses", *extra,
     ]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import build_api
 from gateway.config import Settings
-from gateway.errors import ConfigError
+from gateway.errors import BrokerError, ConfigError
 from gateway.ingest import Pricing
 from gateway.ledger import Ledger
 from gateway.metrics import Metrics
 from gateway.mqtt import BrokerUrl, MqttClient
+from gateway.receiver import Receiver
 from gateway.service import MeteringService
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.topics import Topics
@@ -42,6 +43,12 @@ MAX_UNACKNOWLEDGED = 2000  # reports held at most; beyond, the gateway stops rea
 # every statement of a commit wait 5 ms behind paho's and the verify threads' Python.
 GIL_SWITCH_INTERVAL = 0.001
 FLEET_STATE_SLICE = 25  # retained messages published at once; slices spread over the interval
+
+
+def publisher_client_id(client_id: str) -> str:
+    """The client id the gateway publishes under; ``client_id`` itself, with the
+    persistent session, is the receiver's (gateway.receiver)."""
+    return f"{client_id}-out"
 
 
 def wall_clock_ms() -> int:
@@ -91,6 +98,7 @@ class Gateway:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     api_port: int = 0
     service: MeteringService | None = None
+    receiver: Receiver | None = None
     _connections: int = 0
 
     async def run(self) -> None:
@@ -117,21 +125,15 @@ class Gateway:
         )  # fmt: skip
         self.service = service
         await service.load()
-        mqtt = MqttClient(
-            BrokerUrl.parse(settings.broker),
-            settings.client_id,
-            persistent=True,
-            manual_ack=True,
-            inbox=service.inbox,
-            on_published=service.control_published,
-            on_connect=self._connected,
-            max_unacknowledged=MAX_UNACKNOWLEDGED,
-        )
-        mqtt.subscribe(service.topics.all_usage, qos=1)
-        await mqtt.connect()
-        service.attach(mqtt)
         sock = _bind(*settings.api_host_port)
         self.api_port = sock.getsockname()[1]
+        try:
+            mqtt, receiver = await self._connect(service)
+        except BrokerError:
+            sock.close()
+            raise
+        service.attach(mqtt, receiver)
+        self.receiver = receiver
         server = uvicorn.Server(
             uvicorn.Config(
                 build_api(service, token, public_key_hex(key)),
@@ -141,6 +143,7 @@ class Gateway:
         )
         try:
             async with asyncio.TaskGroup() as tasks:
+                receiving = tasks.create_task(receiver.run(), name="receiver")
                 tasks.create_task(service.verify_stage(self.stopping), name="verify")
                 tasks.create_task(service.charge_stage(), name="charge")
                 committing = tasks.create_task(service.commit_stage(self.stopping), name="commit")
@@ -150,6 +153,8 @@ class Gateway:
                 await committing  # ends once stopping is set and in-flight work is committed
                 server.should_exit = True
                 self.stopping.set()
+                await receiver.close()  # after the last acknowledgement
+                await receiving
         finally:
             # A cancelled uvicorn never runs its shutdown: close its listener through
             # asyncio, which also drops the loop's reader for the socket. Closing only the
@@ -157,10 +162,34 @@ class Gateway:
             # reuses (seen as refused connections in the next gateway in this process).
             for listener in server.servers:
                 listener.close()
+            await receiver.close()
             service.flush_fleet_state(limit=1_000_000)
             await mqtt.disconnect()
             service.close()
             sock.close()
+
+    async def _connect(self, service: MeteringService) -> tuple[MqttClient, Receiver]:
+        """Connect the publishing client, then start the receiver process (which holds
+        the persistent session). Raises :class:`BrokerError`, with nothing left open."""
+        settings = self.settings
+        mqtt = MqttClient(
+            BrokerUrl.parse(settings.broker),
+            publisher_client_id(settings.client_id),
+            on_published=service.control_published,
+            on_connect=self._connected,
+        )
+        await mqtt.connect()
+        receiver = Receiver(
+            settings.broker, settings.client_id, settings.topic_prefix, service.inbox,
+            service.public_keys, max_unacknowledged=MAX_UNACKNOWLEDGED,
+            on_restart=service.metrics.receiver_restarts.inc,
+        )  # fmt: skip
+        try:
+            await receiver.start()
+        except BrokerError:
+            await mqtt.disconnect()
+            raise
+        return mqtt, receiver
 
     def _connected(self) -> None:
         """Each (re)connect to the broker; all but the first re-publish retained state."""

@@ -45,6 +45,14 @@ class Metrics:
         self.floods = Counter(
             "tokenwell_floods", "Times a device passed the per-device report rate", registry=r
         )
+        self.vouched = Counter(
+            "tokenwell_vouched_reports",
+            "Reports whose signature the receiver process checked (the rest: the gateway)",
+            registry=r,
+        )
+        self.receiver_restarts = Counter(
+            "tokenwell_receiver_restarts", "Receiver processes started after one died", registry=r
+        )
         self.devices = Gauge("tokenwell_devices", "Provisioned devices (not revoked)", registry=r)
         self.backlog = Gauge(
             "tokenwell_ingest_backlog", "Received reports not yet committed", registry=r

@@ -68,7 +68,10 @@ class BrokerUrl:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """One received PUBLISH, stamped with the connection (``session``) it arrived on."""
+    """One received PUBLISH, stamped with the connection (``session``) it arrived on.
+
+    ``vouched``: its signature was found valid on the way in (gateway.receiver).
+    """
 
     topic: str
     payload: bytes
@@ -76,6 +79,7 @@ class Incoming:
     qos: int
     retain: bool
     session: int = 0
+    vouched: bool = False
 
 
 def _no_delay(sock: Any) -> None:
@@ -286,14 +290,21 @@ class MqttClient:
         return True
 
     def ack(self, message: Incoming) -> None:
-        """Acknowledge a QoS 1 message received with ``manual_ack``.
+        """Acknowledge a message received with ``manual_ack`` (see :meth:`acknowledge`)."""
+        self.acknowledge(message.mid, message.qos, message.session)
+
+    def acknowledge(self, mid: int, qos: int, session: int) -> None:
+        """Acknowledge message ``mid`` received with ``manual_ack`` on connection
+        ``session``: a PUBACK for QoS 1, nothing to send for QoS 0 (it only frees its place
+        under ``max_unacknowledged``).
 
         Only on the connection it arrived on: after a reconnect its message id may name
         another message, and the broker redelivers the unacknowledged one anyway.
         """
-        if message.session != self._session:
+        if session != self._session:
             return
-        self._client.ack(message.mid, 1)
+        if qos > 0:
+            self._client.ack(mid, qos)
         if self._max_unacknowledged is not None:
             with self._flow:
                 self._unacknowledged -= 1

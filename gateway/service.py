@@ -2,10 +2,11 @@
 
 Flow of a report (docs/architecture.md):
 
-    paho thread ──call_soon_threadsafe──▶ inbox ──▶ verify stage (worker threads)
-        ──▶ charge stage: charge_batch (pure) ▶ ledger.commit (one transaction)
-        ▶ registry.apply ▶ MQTT acks (in order) ▶ control messages, events
-        ▶ fleet state (coalesced, every 200 ms)
+    receiver process (paho, signatures) ──frames──▶ inbox ──▶ verify stage
+        ──▶ charge stage: charge_batch (pure, on committed + staged state)
+        ──▶ commit stage: ledger.commit (one transaction, group commit)
+        ▶ registry.apply ▶ acks to the receiver (in order) ▶ control messages, events
+        ▶ fleet state (coalesced, every 500 ms)
 
 Acknowledgement strictly follows the commit: a gateway killed at any instant leaves
 every unacknowledged report with the broker, which redelivers it on reconnect (the
@@ -75,15 +76,23 @@ MAX_TOKENS = 10**15  # per request; far below 2**63 so sums of many stay in rang
 
 
 class Publisher(Protocol):
-    """What the service needs from MQTT: publish and acknowledge (see gateway.mqtt)."""
+    """What the service needs to publish (see gateway.mqtt)."""
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int: ...
-
-    def ack(self, message: Incoming) -> None: ...
 
     @property
     def unconfirmed(self) -> int:
         """QoS 1 publishes the broker has not acknowledged yet."""
+        ...
+
+
+class Intake(Protocol):
+    """What the service needs from what receives reports (see gateway.receiver)."""
+
+    def ack(self, message: Incoming) -> None: ...
+
+    def add_key(self, device: str, public_key: bytes) -> None:
+        """A device was added: its reports can be vouched for from now on."""
         ...
 
 
@@ -109,6 +118,7 @@ class MeteringService:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._mqtt: Publisher | None = None
+        self._receiver: Intake | None = None
         self._dirty: set[str] = set()
         self._republish: set[str] = set()
         self._pending_controls: dict[int, tuple[str, int]] = {}
@@ -145,12 +155,14 @@ class MeteringService:
         self._dirty.update(self.registry.devices)
         self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
 
-    def attach(self, mqtt: Publisher) -> None:
-        """Connect the service to MQTT: re-send at once the control messages the broker
-        never confirmed, and queue every other retained message for re-publishing (see
-        :meth:`reconnected`): a broker that crashed while we were down may have lost them.
+    def attach(self, mqtt: Publisher, receiver: Intake) -> None:
+        """Connect the service to MQTT: ``mqtt`` publishes, ``receiver`` acknowledges the
+        reports it delivered into :attr:`inbox`. Re-send at once the control messages the
+        broker never confirmed, and queue every other retained message for re-publishing
+        (see :meth:`reconnected`): a broker that crashed while we were down may have lost
+        them.
         """
-        self._mqtt = mqtt
+        self._mqtt, self._receiver = mqtt, receiver
         for device in self.registry.devices.values():
             if device.control is not None and device.control.seq > device.control_sent:
                 self._publish_control(device.control)
@@ -191,6 +203,23 @@ class MeteringService:
             self.publish_event(Event("flood", device[:64], now, {"limit_per_second": limit}))
 
     async def _verify(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
+        """Verify a batch, in order: what the receiver vouched for on the loop (no
+        signature to check), the rest on worker threads."""
+        device_of, registry = self.topics.device_of_usage, self.registry
+        vouched = sum(m.vouched for m in batch)
+        self.metrics.vouched.inc(vouched)
+        if vouched == len(batch):
+            return [verify(device_of(m.topic), m.payload, registry, vouched=True) for m in batch]
+        unvouched = [m for m in batch if not m.vouched]
+        checked = iter(await self._verify_in_threads(unvouched))
+        return [
+            verify(device_of(m.topic), m.payload, registry, vouched=True)
+            if m.vouched
+            else next(checked)
+            for m in batch
+        ]
+
+    async def _verify_in_threads(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
         items = [(self.topics.device_of_usage(m.topic), m.payload) for m in batch]
         if len(items) <= INLINE_VERIFY:
             return _verify_all(items, self.registry)
@@ -240,10 +269,10 @@ class MeteringService:
                 self._staged.unstage(result)
             if not self._staged.batches:
                 self._idle.set()
-            assert self._mqtt is not None
+            assert self._receiver is not None
             for batch, result in group:
                 for message in batch:
-                    self._mqtt.ack(message)
+                    self._receiver.ack(message)
                 self.processed += len(batch)
                 self._after_batch(result, len(batch))
             async with self.committed:
@@ -429,6 +458,8 @@ class MeteringService:
             device = replace(device, control=control)
             write.devices.append(device)
             await self._commit_admin(write)
+            if self._receiver is not None:
+                self._receiver.add_key(device_id, public_key)
             self.metrics.devices.inc()
             self.metrics.tokens_granted.inc(tokens)
         self._announce(
@@ -643,6 +674,10 @@ class MeteringService:
     def device(self, device_id: str) -> Device:
         """The device's current record; raises NotFound."""
         return self._existing(device_id)
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Every device's public key, by id (revoked devices' too)."""
+        return {device.id: device.public_key for device in self.registry.devices.values()}
 
     def devices(self) -> list[Device]:
         return sorted(self.registry.devices.values(), key=lambda d: d.id)

@@ -36,6 +36,9 @@ class FakeBroker:
     def ack(self, message: Incoming) -> None:
         return None
 
+    def add_key(self, device: str, public_key: bytes) -> None:
+        return None
+
     @property
     def unconfirmed(self) -> int:
         return 0
@@ -55,7 +58,7 @@ def make_service() -> tuple[MeteringService, FakeBroker, Clock, Ed25519PrivateKe
     pricing = Pricing({"api_calls": parse_price("1")}, DEFAULT_LADDER)
     service = MeteringService(MemoryLedger(), pricing, Topics("t"), key, clock)
     broker = FakeBroker()
-    service.attach(broker)
+    service.attach(broker, broker)
     return service, broker, clock, key
 
 

@@ -29,6 +29,9 @@ class RecordingPublisher:
     def ack(self, message: Incoming) -> None:
         return None
 
+    def add_key(self, device: str, public_key: bytes) -> None:
+        return None
+
 
 def service(clock: Any) -> tuple[MeteringService, RecordingPublisher]:
     metering = MeteringService(
@@ -39,7 +42,7 @@ def service(clock: Any) -> tuple[MeteringService, RecordingPublisher]:
         clock,
     )
     publisher = RecordingPublisher()
-    metering.attach(publisher)
+    metering.attach(publisher, publisher)
     return metering, publisher
 
 

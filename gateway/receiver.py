@@ -1,0 +1,335 @@
+"""Receiving usage reports in a process of its own.
+
+One CPython process has one GIL, and paho's Python (reading packets, building messages,
+acknowledging) held it for about a quarter of the gateway's GIL-held time while the
+charging, committing and publishing wanted it too (docs/performance.md). So the gateway
+receives in a child process, ``python -m gateway.receiver``, with its own GIL:
+
+    broker ══MQTT══▶ receiver process (MqttClient: persistent session, manual acks)
+        ══socket pair, msgpack frames══▶ gateway: inbox ▶ verify ▶ charge ▶ commit
+        ◀══ acknowledgements, after each commit ══
+
+The receiver owns the subscription and the gateway's persistent session (its client
+id); the gateway publishes on a connection of its own. It also checks each report's
+signature (:func:`gateway.ingest.signature_valid`, on threads of its own: the C call
+releases the GIL, and in the gateway each thread then queued for the GIL behind the
+charging) against the devices' public keys, which the gateway sends it, and marks the
+report ``vouched``: the gateway then skips that check. Anything it cannot vouch for (an
+unknown device, a bad envelope or signature) the gateway verifies in full, as before.
+
+The receiver never acknowledges a report by itself: only when the gateway tells it to,
+after the report's batch is committed. So nothing changes for the
+acknowledgement-after-commit rule:
+
+- the gateway dies: the receiver reads the end of the socket, sends the
+  acknowledgements it was given, disconnects and exits; the broker keeps the rest for
+  the next run;
+- the receiver dies: the gateway starts another (same client id, same session); the
+  broker redelivers what was not acknowledged, and acknowledgements for messages of the
+  dead one are dropped (their ids mean nothing on the new connection); redelivered
+  reports debit nothing twice (the charging rule).
+
+Frames are a 4-byte big-endian length, then a msgpack value:
+
+- gateway → receiver: first the settings (a map, with every device's public key), then
+  ``["ack", [[connection, mid, qos], ...]]`` and ``["keys", {device: public key}]``;
+- receiver → gateway: ``["ready"]`` or ``["error", text]`` once, after the first
+  connect; then batches of messages, each a list of
+  ``[topic, payload, mid, qos, retain, connection, vouched]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgpack
+
+from gateway.errors import BrokerError
+from gateway.ingest import signature_valid
+from gateway.mqtt import BrokerUrl, Incoming, MqttClient
+from gateway.topics import Topics
+
+log = logging.getLogger("tokenwell.gateway")
+FRAME = struct.Struct(">I")
+MAX_FORWARDED = 1000  # messages in one frame at most
+GENERATION = 1 << 32  # Incoming.session = generation * GENERATION + the receiver's connection
+STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
+RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
+# The GIL's switch interval here. A verifying thread wants the GIL back after each
+# signature (about 100 us of C), and waits up to this long behind paho's reading thread.
+SWITCH_INTERVAL = 0.0001
+
+
+def frame(value: object) -> bytes:
+    """``value`` as one frame: its length, then its msgpack encoding."""
+    body: bytes = msgpack.packb(value, use_bin_type=True)
+    return FRAME.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next frame's value; None at the end of the stream (also when it ends inside a
+    frame: the other side died while writing)."""
+    try:
+        head = await reader.readexactly(FRAME.size)
+        body = await reader.readexactly(FRAME.unpack(head)[0])
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return msgpack.unpackb(body, raw=False)
+
+
+# --- the gateway's side ------------------------------------------------------------------
+
+
+class Receiver:
+    """A receiver process delivering the messages of ``topic_filter`` into ``inbox``.
+
+    :meth:`start` spawns it and waits for its first connection; :meth:`run` delivers
+    until :meth:`close`, replacing the process if it dies; :meth:`ack` acknowledges a
+    delivered message (on the connection it came by, if that still exists).
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        client_id: str,
+        topic_prefix: str,
+        inbox: asyncio.Queue[Incoming],
+        keys: Callable[[], Mapping[str, bytes]],
+        *,
+        max_unacknowledged: int,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = {
+            "broker": broker,
+            "client_id": client_id,
+            "topic_prefix": topic_prefix,
+            "max_unacknowledged": max_unacknowledged,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+        }
+        self._keys = keys  # every device's public key, read at each (re)start
+        self._on_restart = on_restart
+        self._inbox = inbox
+        self._generation = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._acks: list[tuple[int, int, int]] = []
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        """The receiver process's id (None before :meth:`start`)."""
+        return self._process.pid if self._process is not None else None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Spawn the receiver and wait until it is connected and subscribed.
+
+        Raises :class:`BrokerError` (with the receiver's reason) if it cannot connect
+        within ``timeout`` seconds.
+        """
+        parent, child = socket.socketpair()
+        with child:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.receiver", str(child.fileno()),
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._generation += 1
+        settings = {**self._settings, "keys": dict(self._keys()), "connect_timeout": timeout}
+        self._writer.write(frame(settings))
+        try:
+            async with asyncio.timeout(timeout + STOP_TIMEOUT):  # its own timeout comes first
+                answer = await read_frame(self._reader)
+        except TimeoutError:
+            answer = ["error", f"the receiver did not connect within {timeout:g} s"]
+        if answer != ["ready"]:
+            await self._end_process()
+            reason = answer[1] if isinstance(answer, list) and len(answer) == 2 else None
+            raise BrokerError(reason or "the receiver process exited before connecting")
+
+    async def run(self) -> None:
+        """Deliver messages until :meth:`close`; replace the receiver whenever it dies."""
+        while True:
+            await self._deliver()
+            if self._closing:
+                return
+            await self._end_process()
+            await self._restart()
+
+    async def _deliver(self) -> None:
+        assert self._reader is not None
+        base = self._generation * GENERATION
+        inbox = self._inbox
+        while (batch := await read_frame(self._reader)) is not None:
+            for topic, payload, mid, qos, retain, connection, vouched in batch:
+                session = base + connection
+                inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, session, vouched))
+
+    async def _restart(self) -> None:
+        for attempt in itertools.count():
+            delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+            log.error("the receiver process stopped: starting another in %.1f s", delay)
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            try:
+                await self.start()
+            except BrokerError as exc:
+                log.error("the new receiver process could not connect: %s", exc)
+            else:
+                if self._on_restart is not None:
+                    self._on_restart()
+                return
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge ``message`` (sent with the others of this turn of the loop).
+
+        Dropped when the receiver it came from has died: the broker redelivers it to
+        the next one.
+        """
+        generation, connection = divmod(message.session, GENERATION)
+        if generation != self._generation:
+            return
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._acks.append((connection, message.mid, message.qos))
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        self._send(["ack", acks])
+
+    def add_key(self, device: str, public_key: bytes) -> None:
+        """Tell the receiver a new device's key, so that it vouches for its reports.
+        (A receiver started later has it anyway: it is sent every key at start.)"""
+        self._send(["keys", {device: public_key}])
+
+    def _send(self, value: object) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frame(value))
+
+    async def close(self) -> None:
+        """Send the acknowledgements given so far, let the receiver disconnect and wait
+        for it to exit (killed after ``STOP_TIMEOUT``)."""
+        self._closing = True
+        if self._acks:
+            self._send_acks()
+        await self._end_process()
+
+    async def _end_process(self) -> None:
+        writer, process = self._writer, self._process
+        self._writer = None
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.error("the receiver process did not exit: killing it")
+                process.kill()
+                await process.wait()
+
+
+# --- the receiver process ----------------------------------------------------------------
+
+
+async def serve(fd: int) -> int:
+    """The receiver process: connect as the settings on socket ``fd`` say, forward what
+    arrives, acknowledge what the gateway says, until the gateway closes the socket.
+    Returns the exit status."""
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+    settings = await read_frame(reader)
+    if settings is None:
+        return 1
+    logging.basicConfig(
+        level=settings["log_level"], format="%(asctime)s %(levelname)s receiver: %(message)s"
+    )
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    mqtt = MqttClient(
+        BrokerUrl.parse(settings["broker"]), settings["client_id"], persistent=True,
+        manual_ack=True, inbox=inbox, max_unacknowledged=settings["max_unacknowledged"],
+    )  # fmt: skip
+    topics, keys = Topics(settings["topic_prefix"]), settings["keys"]
+    mqtt.subscribe(topics.all_usage, qos=1)
+    try:
+        await mqtt.connect(settings["connect_timeout"])
+    except BrokerError as exc:
+        writer.write(frame(["error", str(exc)]))
+        await writer.drain()
+        return 1
+    writer.write(frame(["ready"]))
+    forwarding = asyncio.create_task(_forward(inbox, writer, Vouching(topics, keys)))
+    try:
+        while (command := await read_frame(reader)) is not None:
+            kind, value = command
+            if kind == "ack":
+                for connection, mid, qos in value:
+                    mqtt.acknowledge(mid, qos, connection)
+            elif kind == "keys":
+                keys.update(value)
+    finally:
+        forwarding.cancel()
+        await mqtt.disconnect()  # PUBACKs already queued go out before the DISCONNECT
+    return 0
+
+
+class Vouching:
+    """Checks the signatures of a batch of messages on worker threads, in order."""
+
+    def __init__(self, topics: Topics, keys: Mapping[str, bytes]) -> None:
+        self._topics, self._keys = topics, keys
+        self._threads = os.cpu_count() or 2
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="vouch")
+
+    async def check(self, batch: list[Incoming]) -> list[bool]:
+        """Whether each message's signature is valid (:func:`signature_valid`)."""
+        loop = asyncio.get_running_loop()
+        step = -(-len(batch) // self._threads)
+        parts = [batch[i : i + step] for i in range(0, len(batch), step)]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, self._check, p) for p in parts)
+        )
+        return [valid for part in done for valid in part]
+
+    def _check(self, messages: list[Incoming]) -> list[bool]:
+        device_of, keys = self._topics.device_of_usage, self._keys
+        return [signature_valid(device_of(m.topic), m.payload, keys) for m in messages]
+
+
+async def _forward(
+    inbox: asyncio.Queue[Incoming], writer: asyncio.StreamWriter, vouching: Vouching
+) -> None:
+    """Send what arrives to the gateway, as many messages a frame as are waiting."""
+    while True:
+        batch = [await inbox.get()]
+        while not inbox.empty() and len(batch) < MAX_FORWARDED:
+            batch.append(inbox.get_nowait())
+        vouched = await vouching.check(batch)
+        rows = [
+            (m.topic, m.payload, m.mid, m.qos, m.retain, m.session, valid)
+            for m, valid in zip(batch, vouched, strict=True)
+        ]
+        writer.write(frame(rows))
+        await writer.drain()
+
+
+def main() -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    return asyncio.run(serve(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The receiver process (gateway.receiver): its frames, the signatures it vouches for,
+acknowledgement only when told, and a gateway that outlives its receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.errors import BrokerError, Reason
+from gateway.ingest import Registry, Rejected, signature_valid, verify
+from gateway.metering import Device
+from gateway.mqtt import Incoming
+from gateway.receiver import Receiver, frame, read_frame
+from gateway.topics import Topics
+from gateway.wire import UsageReport, public_key_hex
+from tests.helpers import Listener, RawDevice, running_gateway, unique_prefix
+
+TIMEOUT = 10.0
+
+
+def stream(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_frames_round_trip_and_a_cut_frame_reads_as_the_end() -> None:
+    values = [{"keys": {"d": b"\x00" * 32}}, ["ack", [[1, 7, 1]]], [["t", b"\xff", 3]]]
+    reader = stream(b"".join(frame(v) for v in values))
+    assert [await read_frame(reader) for _ in values] == values
+    assert await read_frame(reader) is None
+    assert await read_frame(stream(frame(["ack", []])[:-1])) is None
+
+
+# --- what the receiver vouches for --------------------------------------------------------
+
+
+def raw_public_key(device: RawDevice) -> bytes:
+    return bytes.fromhex(public_key_hex(device.key))
+
+
+def test_signature_valid_only_for_the_topic_device_s_own_signature() -> None:
+    alice, mallory = RawDevice("alice"), RawDevice("mallory")
+    keys = {"alice": raw_public_key(alice), "mallory": raw_public_key(mallory)}
+    report = alice.report({"api_calls": 1})
+    assert signature_valid("alice", report, keys)
+    assert not signature_valid("mallory", report, keys)  # another device's topic
+    assert not signature_valid("bob", report, keys)  # no key: the gateway decides
+    assert not signature_valid(None, report, keys)
+    forged = RawDevice("alice", key=Ed25519PrivateKey.generate()).report({"api_calls": 1})
+    assert not signature_valid("alice", forged, keys)
+    assert not signature_valid("alice", report[:-1], keys)
+
+
+@given(st.binary(max_size=300), st.sampled_from(["alice", "", None]))
+def test_signature_valid_is_false_for_junk_and_never_raises(payload: bytes, device: Any) -> None:
+    assert not signature_valid(device, payload, {"alice": b"\x01" * 32})
+
+
+def registry_with(*devices: tuple[RawDevice, bool]) -> Registry:
+    registry = Registry()
+    records = {
+        d.id: Device(d.id, raw_public_key(d), d.id, d.id, 0, 0, 0, revoked=revoked)
+        for d, revoked in devices
+    }
+    registry.apply(records)
+    return registry
+
+
+def test_a_vouched_report_is_verified_as_a_checked_one_but_for_the_signature() -> None:
+    alice, revoked = RawDevice("alice"), RawDevice("gone")
+    registry = registry_with((alice, False), (revoked, True))
+    good = alice.report({"api_calls": 5})
+    assert verify("alice", good, registry, vouched=True) == verify("alice", good, registry)
+    assert isinstance(verify("alice", good, registry, vouched=True), UsageReport)
+    # What the gateway still decides itself: revocation, the body, the device in it.
+    gone = verify("gone", revoked.report({"api_calls": 1}), registry, vouched=True)
+    assert isinstance(gone, Rejected)
+    assert gone.rejection.reason is Reason.REVOKED_DEVICE
+    mismatch = verify("alice", RawDevice("bob", key=alice.key).report({}), registry, vouched=True)
+    assert isinstance(mismatch, Rejected)
+    assert mismatch.rejection.reason is Reason.DEVICE_MISMATCH
+
+
+# --- the process, against a real broker -------------------------------------------------
+
+
+@asynccontextmanager
+async def receiving(
+    broker_url: str, client_id: str, prefix: str, keys: dict[str, bytes]
+) -> AsyncIterator[tuple[Receiver, asyncio.Queue[Incoming]]]:
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    receiver = Receiver(broker_url, client_id, prefix, inbox, lambda: keys, max_unacknowledged=50)
+    await receiver.start()
+    running = asyncio.create_task(receiver.run())
+    try:
+        yield receiver, inbox
+    finally:
+        await receiver.close()
+        await asyncio.wait_for(running, TIMEOUT)
+
+
+async def next_message(inbox: asyncio.Queue[Incoming]) -> Incoming:
+    return await asyncio.wait_for(inbox.get(), TIMEOUT)
+
+
+async def test_the_receiver_vouches_and_the_broker_keeps_what_it_was_not_told_to_ack(
+    shared_broker: Any,
+) -> None:
+    prefix, client_id = unique_prefix(), f"rx-{uuid.uuid4().hex[:8]}"
+    topics, alice, stranger = Topics(prefix), RawDevice("alice"), RawDevice("stranger")
+    keys = {"alice": raw_public_key(alice)}
+    async with receiving(shared_broker.url, client_id, prefix, keys):
+        pass  # the persistent session exists from now on
+    first, second = alice.report({"api_calls": 1}), stranger.report({"api_calls": 1})
+    async with Listener.connect(shared_broker.url) as publisher:
+        publisher.publish(topics.usage("alice"), first)
+        publisher.publish(topics.usage("stranger"), second)
+        assert await publisher.client.flush(TIMEOUT)
+        async with receiving(shared_broker.url, client_id, prefix, keys) as (receiver, inbox):
+            got = [await next_message(inbox), await next_message(inbox)]
+            assert [(m.payload, m.vouched) for m in got] == [(first, True), (second, False)]
+            receiver.ack(got[0])  # the second is never acknowledged
+        marker = alice.report({"api_calls": 2})
+        publisher.publish(topics.usage("alice"), marker)
+        assert await publisher.client.flush(TIMEOUT)
+        async with receiving(shared_broker.url, client_id, prefix, keys) as (_, inbox):
+            # Redelivered first (same session), then the marker; never the acknowledged one.
+            assert (await next_message(inbox)).payload == second
+            assert (await next_message(inbox)).payload == marker
+
+
+async def test_a_receiver_whose_gateway_died_exits(shared_broker: Any) -> None:
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    receiver = Receiver(
+        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, dict,
+        max_unacknowledged=50,
+    )  # fmt: skip
+    await receiver.start()
+    process = receiver._process
+    assert process is not None
+    assert receiver._writer is not None
+    receiver._writer.transport.abort()  # what the kernel does when the gateway is killed
+    assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+
+
+async def test_a_receiver_that_cannot_connect_says_why() -> None:
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    receiver = Receiver("mqtt://127.0.0.1:1", "rx-none", "p", inbox, dict, max_unacknowledged=5)
+    with pytest.raises(BrokerError, match=r"unreachable after 0\.5 s"):
+        await receiver.start(timeout=0.5)
+
+
+async def test_the_gateway_replaces_a_killed_receiver_and_charges_exactly_once(
+    shared_broker: Any, tmp_path: Path
+) -> None:
+    device = RawDevice("phoenix")
+    async with running_gateway(shared_broker.url, tmp_path) as gw:
+        await gw.add_device(device.id, device.key, 1_000)  # after start: sent to the receiver
+        registry, metrics = gw.service.registry, gw.service.metrics.registry
+        async with Listener.connect(shared_broker.url) as publisher:
+            publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 100}))
+            await gw.wait_committed(lambda: registry.devices[device.id].used == 1)
+            assert metrics.get_sample_value("tokenwell_vouched_reports_total") == 1
+            receiver = gw.gateway.receiver
+            first = receiver.pid
+            os.kill(first, signal.SIGKILL)
+            publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 300}))
+            publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 300}))
+            await gw.wait_committed(lambda: registry.devices[device.id].used == 3, timeout=30)
+        assert receiver.pid != first
+        assert metrics.get_sample_value("tokenwell_receiver_restarts_total") == 1
+        assert (await gw.device(device.id))["balance"] == 997
