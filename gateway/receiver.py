@@ -146,6 +146,7 @@ class Receiver:
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
         settings = {**self._settings, "keys": dict(self._keys()), "connect_timeout": timeout}
         self._writer.write(frame(settings))

@@ -183,3 +183,18 @@ async def test_the_gateway_replaces_a_killed_receiver_and_charges_exactly_once(
         assert receiver.pid != first
         assert metrics.get_sample_value("tokenwell_receiver_restarts_total") == 1
         assert (await gw.device(device.id))["balance"] == 997
+
+
+async def test_a_qos_0_report_is_charged_like_any_other(shared_broker: Any, tmp_path: Path) -> None:
+    """QoS 0 needs no PUBACK: the receiver sends none (a PUBACK for id 0 would be a
+    protocol error), yet the report is charged, and QoS 1 reports after it still are."""
+    device = RawDevice("quiet")
+    async with running_gateway(shared_broker.url, tmp_path) as gw:
+        await gw.add_device(device.id, device.key, 1_000)
+        registry = gw.service.registry
+        async with Listener.connect(shared_broker.url) as publisher:
+            topic = gw.topics.usage(device.id)
+            publisher.client.publish(topic, device.report({"api_calls": 100}), qos=0)
+            await gw.wait_committed(lambda: registry.devices[device.id].used == 1)
+            publisher.publish(topic, device.report({"api_calls": 200}))
+            await gw.wait_committed(lambda: registry.devices[device.id].used == 2)
