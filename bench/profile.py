@@ -1,7 +1,9 @@
 """Sampling the gateway with py-spy during a drain, and summarising where its time goes.
 
-``py-spy record --format raw`` writes one line per distinct stack: ``thread (TID): NAME;``
-then the frames, outermost first, each ``function (file:line)``, then the sample count.
+``py-spy record --format raw --subprocesses`` writes one line per distinct stack:
+``process PID:"COMMAND";`` for the process and each parent, ``thread (TID): NAME;``, then
+the frames, outermost first, each ``function (file:line)``, then the sample count. A
+thread is named after its process's module (``gateway.cli``, ``gateway.receiver``).
 Idle samples are left out, so every sample is CPU time (or time holding the GIL
 waiting on a system call that py-spy does not count as idle). :func:`summarise` adds them
 up three ways: by thread, by function where the sample landed (self), and by function
@@ -24,6 +26,7 @@ from pathlib import Path
 from bench.mqtt import BenchError
 
 _THREAD = re.compile(r"thread \(\w+\): ?(.*)")
+_PROCESS = re.compile(r'process \d+:"[^"]*?-m (\S+)')
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -81,9 +84,15 @@ def _stop(sampler: subprocess.Popen[bytes], out: Path) -> None:
 def _frames(line: str) -> tuple[str, list[str], int]:
     stack, _, count = line.rpartition(" ")
     first, *frames = stack.split(";")
+    process = ""
+    while first.startswith("process ") and frames:  # the innermost process names it
+        named = _PROCESS.match(first)
+        process = f"{named.group(1)} " if named else process
+        first, *frames = frames
     match = _THREAD.match(first)
     thread = re.sub(r"[_-]?\d+$", "", match.group(1)) if match else first
-    return thread or "?", [_LINE_NUMBER.sub(")", frame) for frame in frames], int(count)
+    name = process + (thread or "?")
+    return name, [_LINE_NUMBER.sub(")", frame) for frame in frames], int(count)
 
 
 def summarise(raw: Path, top: int = 15) -> str:

@@ -62,6 +62,7 @@ from gateway.topics import Topics
 log = logging.getLogger("tokenwell.gateway")
 FRAME = struct.Struct(">I")
 MAX_FORWARDED = 1000  # messages in one frame at most
+INLINE_VOUCH = 8  # batches up to this size are checked on the loop, not on threads
 GENERATION = 1 << 32  # Incoming.session = generation * GENERATION + the receiver's connection
 STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
@@ -298,7 +299,10 @@ class Vouching:
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="vouch")
 
     async def check(self, batch: list[Incoming]) -> list[bool]:
-        """Whether each message's signature is valid (:func:`signature_valid`)."""
+        """Whether each message's signature is valid (:func:`signature_valid`). A small
+        batch is checked on the loop: handing it to threads costs more than it saves."""
+        if len(batch) <= INLINE_VOUCH:
+            return self._check(batch)
         loop = asyncio.get_running_loop()
         step = -(-len(batch) // self._threads)
         parts = [batch[i : i + step] for i in range(0, len(batch), step)]
