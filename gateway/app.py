@@ -37,7 +37,10 @@ from gateway.wire import public_key_hex
 
 log = logging.getLogger("tokenwell.gateway")
 FLEET_STATE_INTERVAL = 0.5  # seconds: operator topics follow a change within a second
-MAX_UNACKNOWLEDGED = 2000  # reports held at most; beyond, the gateway stops reading
+# Reports held unacknowledged at most (the receiver stops reading beyond): above the
+# broker's in-flight window (5,000, broker/mosquitto.conf), which Mosquitto 2.0 does not
+# always keep to.
+MAX_UNACKNOWLEDGED = 6000
 # The GIL's switch interval: how long a thread that released the GIL (SQLite stepping a
 # statement, a socket read) may wait to get it back from a busy one. Python's 5 ms made
 # every statement of a commit wait 5 ms behind paho's and the verify threads' Python.

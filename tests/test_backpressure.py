@@ -9,7 +9,7 @@ from typing import Any
 from gateway.app import MAX_UNACKNOWLEDGED
 from tests.helpers import Listener, RawDevice, running_gateway
 
-# The broker's in-flight window (max_inflight_messages 1000) should bound what the gateway
+# The broker's in-flight window (max_inflight_messages 5000) should bound what the gateway
 # holds, but Mosquitto 2.0.11 was seen sending 19,000 unacknowledged reports of a 30,000
 # backlog; the gateway's own limit (gateway.app.MAX_UNACKNOWLEDGED) stops it reading then.
 BOUND = MAX_UNACKNOWLEDGED
