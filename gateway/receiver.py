@@ -276,18 +276,30 @@ async def serve(fd: int) -> int:
         return 1
     writer.write(frame(["ready"]))
     forwarding = asyncio.create_task(_forward(inbox, writer, Vouching(topics, keys)))
+    obeying = asyncio.create_task(_obey(reader, mqtt, keys))
     try:
-        while (command := await read_frame(reader)) is not None:
-            kind, value = command
-            if kind == "ack":
-                for connection, mid, qos in value:
-                    mqtt.acknowledge(mid, qos, connection)
-            elif kind == "keys":
-                keys.update(value)
+        await asyncio.wait({forwarding, obeying}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         forwarding.cancel()
+        obeying.cancel()
         await mqtt.disconnect()  # PUBACKs already queued go out before the DISCONNECT
+    failure = forwarding.exception() if forwarding.done() and not forwarding.cancelled() else None
+    if failure is not None and not isinstance(failure, ConnectionError):  # not a gone gateway
+        # Exit, so that the gateway starts another receiver (the broker keeps the rest).
+        log.error("forwarding failed: %r", failure)
+        return 1
     return 0
+
+
+async def _obey(reader: asyncio.StreamReader, mqtt: MqttClient, keys: dict[str, bytes]) -> None:
+    """Carry out the gateway's commands until it closes the socket."""
+    while (command := await read_frame(reader)) is not None:
+        kind, value = command
+        if kind == "ack":
+            for connection, mid, qos in value:
+                mqtt.acknowledge(mid, qos, connection)
+        elif kind == "keys":
+            keys.update(value)
 
 
 class Vouching:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+import gateway.receiver as receiver_module
 from gateway.errors import BrokerError, Reason
 from gateway.ingest import Registry, Rejected, signature_valid, verify
 from gateway.metering import Device
@@ -198,3 +200,29 @@ async def test_a_qos_0_report_is_charged_like_any_other(shared_broker: Any, tmp_
             await gw.wait_committed(lambda: registry.devices[device.id].used == 1)
             publisher.publish(topic, device.report({"api_calls": 200}))
             await gw.wait_committed(lambda: registry.devices[device.id].used == 2)
+
+
+async def test_a_receiver_whose_forwarding_fails_exits_to_be_replaced(
+    shared_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that could no longer forward would stall the gateway while it looked
+    alive: it exits instead (status 1), and the gateway starts another."""
+
+    def broken(*_: object) -> bool:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(receiver_module, "signature_valid", broken)
+    prefix, device = unique_prefix(), RawDevice("alice")
+    gateway_end, receiver_end = socket.socketpair()
+    serving = asyncio.create_task(receiver_module.serve(receiver_end.detach()))
+    reader, writer = await asyncio.open_connection(sock=gateway_end)
+    writer.write(frame({
+        "broker": shared_broker.url, "client_id": f"rx-{uuid.uuid4().hex[:8]}",
+        "topic_prefix": prefix, "max_unacknowledged": 10, "log_level": 30,
+        "keys": {"alice": raw_public_key(device)}, "connect_timeout": TIMEOUT,
+    }))  # fmt: skip
+    assert await asyncio.wait_for(read_frame(reader), TIMEOUT) == ["ready"]
+    async with Listener.connect(shared_broker.url) as publisher:
+        publisher.publish(Topics(prefix).usage("alice"), device.report({"api_calls": 1}))
+        assert await asyncio.wait_for(serving, TIMEOUT) == 1
+    writer.close()
