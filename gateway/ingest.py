@@ -173,14 +173,15 @@ class Staged:
 
 
 def verify(
-    device_id: str | None, payload: bytes, registry: Registry, *, vouched: bool = False
+    device_id: str | None, payload: bytes, registry: Registry, *, vouched_by: bytes | None = None
 ) -> UsageReport | Rejected:
     """Check one usage message received on the topic of ``device_id``.
 
     Order: the topic's id, the envelope (size, msgpack, shape), the device (known, not
     revoked), the signature, then the body and its ``d``. Never raises for bad input.
-    ``vouched``: :func:`signature_valid` has held for these very bytes, so the signature
-    is not checked again (a device's key never changes: ids are never reused).
+    ``vouched_by``: the key :func:`vouching_key` found these very bytes signed with; the
+    signature is not checked again when that is the device's key (a device's key never
+    changes: ids are never reused).
     """
     topic_id = device_id or ""
     if not is_device_id(device_id):
@@ -193,6 +194,7 @@ def verify(
         return Rejected(topic_id, Rejection(Reason.UNKNOWN_DEVICE))
     if device.revoked:
         return Rejected(topic_id, Rejection(Reason.REVOKED_DEVICE))
+    vouched = vouched_by is not None and vouched_by == device.public_key
     if not vouched and not envelope.verify(USAGE_DOMAIN, registry.key(device)):
         return Rejected(topic_id, Rejection(Reason.BAD_SIGNATURE))
     report = decode_usage_body(envelope.body)
@@ -203,17 +205,24 @@ def verify(
     return report
 
 
-def signature_valid(device_id: str | None, payload: bytes, keys: Mapping[str, bytes]) -> bool:
-    """True when ``payload`` is an envelope signed with ``keys[device_id]``: the costly
-    part of :func:`verify`, done where the registry is not (gateway.receiver). False for
-    anything else, including a device it has no key for; never raises."""
+class KeyLookup(Protocol):
+    """Public keys by device id (a dict, or gateway.keytable.KeyTable)."""
+
+    def get(self, device_id: str, /) -> bytes | None: ...
+
+
+def vouching_key(device_id: str | None, payload: bytes, keys: KeyLookup) -> bytes | None:
+    """The key found for ``device_id`` in ``keys``, when ``payload`` is an envelope signed
+    with it: the costly part of :func:`verify`, done where the registry is not
+    (gateway.receiver). None for anything else, including a device without a key; never
+    raises."""
     key = keys.get(device_id or "")
     if key is None:
-        return False
+        return None
     envelope = decode_envelope(payload)
     if isinstance(envelope, Rejection):
-        return False
-    return envelope.verify(USAGE_DOMAIN, Ed25519PublicKey.from_public_bytes(key))
+        return None
+    return key if envelope.verify(USAGE_DOMAIN, Ed25519PublicKey.from_public_bytes(key)) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ class BrokerUrl:
 class Incoming:
     """One received PUBLISH, stamped with the connection (``session``) it arrived on.
 
-    ``vouched``: its signature was found valid on the way in (gateway.receiver).
+    ``vouched_by``: the public key its signature was found valid with on the way in
+    (gateway.receiver), if any.
     """
 
     topic: str
@@ -79,7 +80,7 @@ class Incoming:
     qos: int
     retain: bool
     session: int = 0
-    vouched: bool = False
+    vouched_by: bytes | None = None
 
 
 def _no_delay(sock: Any) -> None:

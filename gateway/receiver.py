@@ -11,11 +11,12 @@ receives in a child process, ``python -m gateway.receiver``, with its own GIL:
 
 The receiver owns the subscription and the gateway's persistent session (its client
 id); the gateway publishes on a connection of its own. It also checks each report's
-signature (:func:`gateway.ingest.signature_valid`, on threads of its own: the C call
+signature (:func:`gateway.ingest.vouching_key`, on threads of its own: the C call
 releases the GIL, and in the gateway each thread then queued for the GIL behind the
-charging) against the devices' public keys, which the gateway sends it, and marks the
-report ``vouched``: the gateway then skips that check. Anything it cannot vouch for (an
-unknown device, a bad envelope or signature) the gateway verifies in full, as before.
+charging) against the devices' public keys, which the gateway sends it (kept compactly:
+gateway.keytable), and passes on the key it verified with (``vouched_by``): the gateway
+skips that check when it is the device's key. Anything it cannot vouch for (an unknown
+device, a bad envelope or signature) the gateway verifies in full, as before.
 
 The receiver never acknowledges a report by itself: only when the gateway tells it to,
 after the report's batch is committed. So nothing changes for the
@@ -31,11 +32,12 @@ acknowledgement-after-commit rule:
 
 Frames are a 4-byte big-endian length, then a msgpack value:
 
-- gateway → receiver: first the settings (a map, with every device's public key), then
-  ``["ack", [[connection, mid, qos], ...]]`` and ``["keys", {device: public key}]``;
+- gateway → receiver: first the settings (a map), every device's public key in frames
+  of ``["keys", [[device, public key], ...]]``, then ``["connect"]``; from then on
+  ``["ack", [[connection, mid, qos], ...]]``, and ``["keys", ...]`` for each new device;
 - receiver → gateway: ``["ready"]`` or ``["error", text]`` once, after the first
   connect; then batches of messages, each a list of
-  ``[topic, payload, mid, qos, retain, connection, vouched]``.
+  ``[topic, payload, mid, qos, retain, connection, vouched_by]``.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
 
 from gateway.errors import BrokerError
-from gateway.ingest import signature_valid
+from gateway.ingest import vouching_key
+from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.topics import Topics
 
@@ -63,6 +66,7 @@ log = logging.getLogger("tokenwell.gateway")
 FRAME = struct.Struct(">I")
 MAX_FORWARDED = 1000  # messages in one frame at most
 INLINE_VOUCH = 8  # batches up to this size are checked on the loop, not on threads
+KEYS_PER_FRAME = 4096  # keys sent at start in frames of this many: no 10 MB frame at once
 GENERATION = 1 << 32  # Incoming.session = generation * GENERATION + the receiver's connection
 STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
@@ -107,7 +111,7 @@ class Receiver:
         client_id: str,
         topic_prefix: str,
         inbox: asyncio.Queue[Incoming],
-        keys: Callable[[], Mapping[str, bytes]],
+        keys: Callable[[], Iterable[tuple[str, bytes]]],
         *,
         max_unacknowledged: int,
         on_restart: Callable[[], None] | None = None,
@@ -149,8 +153,9 @@ class Receiver:
         self._reader, self._writer = await asyncio.open_connection(sock=parent)
         self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
-        settings = {**self._settings, "keys": dict(self._keys()), "connect_timeout": timeout}
-        self._writer.write(frame(settings))
+        self._writer.write(frame({**self._settings, "connect_timeout": timeout}))
+        await self._send_keys(self._writer)
+        self._writer.write(frame(["connect"]))
         try:
             async with asyncio.timeout(timeout + STOP_TIMEOUT):  # its own timeout comes first
                 answer = await read_frame(self._reader)
@@ -160,6 +165,13 @@ class Receiver:
             await self._end_process()
             reason = answer[1] if isinstance(answer, list) and len(answer) == 2 else None
             raise BrokerError(reason or "the receiver process exited before connecting")
+
+    async def _send_keys(self, writer: asyncio.StreamWriter) -> None:
+        keys = iter(self._keys())
+        while chunk := [[device, key] for device, key in itertools.islice(keys, KEYS_PER_FRAME)]:
+            writer.write(frame(["keys", chunk]))
+            with contextlib.suppress(ConnectionError):  # a dead receiver: start() says why
+                await writer.drain()
 
     async def run(self) -> None:
         """Deliver messages until :meth:`close`; replace the receiver whenever it dies."""
@@ -175,9 +187,8 @@ class Receiver:
         base = self._generation * GENERATION
         inbox = self._inbox
         while (batch := await read_frame(self._reader)) is not None:
-            for topic, payload, mid, qos, retain, connection, vouched in batch:
-                session = base + connection
-                inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, session, vouched))
+            for topic, payload, mid, qos, retain, connection, key in batch:
+                inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, base + connection, key))
 
     async def _restart(self) -> None:
         for attempt in itertools.count():
@@ -215,7 +226,7 @@ class Receiver:
     def add_key(self, device: str, public_key: bytes) -> None:
         """Tell the receiver a new device's key, so that it vouches for its reports.
         (A receiver started later has it anyway: it is sent every key at start.)"""
-        self._send(["keys", {device: public_key}])
+        self._send(["keys", [[device, public_key]]])
 
     def _send(self, value: object) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -261,12 +272,17 @@ async def serve(fd: int) -> int:
     logging.basicConfig(
         level=settings["log_level"], format="%(asctime)s %(levelname)s receiver: %(message)s"
     )
+    keys = KeyTable()
+    while (command := await read_frame(reader)) != ["connect"]:
+        if command is None:
+            return 1
+        _obey(command, None, keys)
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     mqtt = MqttClient(
         BrokerUrl.parse(settings["broker"]), settings["client_id"], persistent=True,
         manual_ack=True, inbox=inbox, max_unacknowledged=settings["max_unacknowledged"],
     )  # fmt: skip
-    topics, keys = Topics(settings["topic_prefix"]), settings["keys"]
+    topics = Topics(settings["topic_prefix"])
     mqtt.subscribe(topics.all_usage, qos=1)
     try:
         await mqtt.connect(settings["connect_timeout"])
@@ -276,7 +292,7 @@ async def serve(fd: int) -> int:
         return 1
     writer.write(frame(["ready"]))
     forwarding = asyncio.create_task(_forward(inbox, writer, Vouching(topics, keys)))
-    obeying = asyncio.create_task(_obey(reader, mqtt, keys))
+    obeying = asyncio.create_task(_obey_all(reader, mqtt, keys))
     try:
         await asyncio.wait({forwarding, obeying}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -291,28 +307,33 @@ async def serve(fd: int) -> int:
     return 0
 
 
-async def _obey(reader: asyncio.StreamReader, mqtt: MqttClient, keys: dict[str, bytes]) -> None:
+async def _obey_all(reader: asyncio.StreamReader, mqtt: MqttClient, keys: KeyTable) -> None:
     """Carry out the gateway's commands until it closes the socket."""
     while (command := await read_frame(reader)) is not None:
-        kind, value = command
-        if kind == "ack":
-            for connection, mid, qos in value:
-                mqtt.acknowledge(mid, qos, connection)
-        elif kind == "keys":
-            keys.update(value)
+        _obey(command, mqtt, keys)
+
+
+def _obey(command: list[Any], mqtt: MqttClient | None, keys: KeyTable) -> None:
+    kind, value = command
+    if kind == "ack" and mqtt is not None:
+        for connection, mid, qos in value:
+            mqtt.acknowledge(mid, qos, connection)
+    elif kind == "keys":
+        for device, key in value:
+            keys.add(device, key)
 
 
 class Vouching:
     """Checks the signatures of a batch of messages on worker threads, in order."""
 
-    def __init__(self, topics: Topics, keys: Mapping[str, bytes]) -> None:
+    def __init__(self, topics: Topics, keys: KeyTable) -> None:
         self._topics, self._keys = topics, keys
         self._threads = os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="vouch")
 
-    async def check(self, batch: list[Incoming]) -> list[bool]:
-        """Whether each message's signature is valid (:func:`signature_valid`). A small
-        batch is checked on the loop: handing it to threads costs more than it saves."""
+    async def check(self, batch: list[Incoming]) -> list[bytes | None]:
+        """For each message, the key its signature is valid with (:func:`vouching_key`). A
+        small batch is checked on the loop: handing it to threads costs more than it saves."""
         if len(batch) <= INLINE_VOUCH:
             return self._check(batch)
         loop = asyncio.get_running_loop()
@@ -321,11 +342,11 @@ class Vouching:
         done = await asyncio.gather(
             *(loop.run_in_executor(self._pool, self._check, p) for p in parts)
         )
-        return [valid for part in done for valid in part]
+        return [key for part in done for key in part]
 
-    def _check(self, messages: list[Incoming]) -> list[bool]:
+    def _check(self, messages: list[Incoming]) -> list[bytes | None]:
         device_of, keys = self._topics.device_of_usage, self._keys
-        return [signature_valid(device_of(m.topic), m.payload, keys) for m in messages]
+        return [vouching_key(device_of(m.topic), m.payload, keys) for m in messages]
 
 
 async def _forward(
@@ -336,10 +357,10 @@ async def _forward(
         batch = [await inbox.get()]
         while not inbox.empty() and len(batch) < MAX_FORWARDED:
             batch.append(inbox.get_nowait())
-        vouched = await vouching.check(batch)
+        keys = await vouching.check(batch)
         rows = [
-            (m.topic, m.payload, m.mid, m.qos, m.retain, m.session, valid)
-            for m, valid in zip(batch, vouched, strict=True)
+            (m.topic, m.payload, m.mid, m.qos, m.retain, m.session, key)
+            for m, key in zip(batch, keys, strict=True)
         ]
         writer.write(frame(rows))
         await writer.drain()

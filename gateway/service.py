@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
@@ -206,16 +206,13 @@ class MeteringService:
         """Verify a batch, in order: what the receiver vouched for on the loop (no
         signature to check), the rest on worker threads."""
         device_of, registry = self.topics.device_of_usage, self.registry
-        vouched = sum(m.vouched for m in batch)
-        self.metrics.vouched.inc(vouched)
-        if vouched == len(batch):
-            return [verify(device_of(m.topic), m.payload, registry, vouched=True) for m in batch]
-        unvouched = [m for m in batch if not m.vouched]
-        checked = iter(await self._verify_in_threads(unvouched))
+        unvouched = [m for m in batch if m.vouched_by is None]
+        self.metrics.vouched.inc(len(batch) - len(unvouched))
+        checked = iter(await self._verify_in_threads(unvouched) if unvouched else ())
         return [
-            verify(device_of(m.topic), m.payload, registry, vouched=True)
-            if m.vouched
-            else next(checked)
+            next(checked)
+            if m.vouched_by is None
+            else verify(device_of(m.topic), m.payload, registry, vouched_by=m.vouched_by)
             for m in batch
         ]
 
@@ -675,9 +672,10 @@ class MeteringService:
         """The device's current record; raises NotFound."""
         return self._existing(device_id)
 
-    def public_keys(self) -> dict[str, bytes]:
-        """Every device's public key, by id (revoked devices' too)."""
-        return {device.id: device.public_key for device in self.registry.devices.values()}
+    def public_keys(self) -> Iterator[tuple[str, bytes]]:
+        """Every device's id and public key (revoked devices' too)."""
+        for device in list(self.registry.devices.values()):
+            yield device.id, device.public_key
 
     def devices(self) -> list[Device]:
         return sorted(self.registry.devices.values(), key=lambda d: d.id)

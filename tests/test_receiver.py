@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import gateway.receiver as receiver_module
 from gateway.errors import BrokerError, Reason
-from gateway.ingest import Registry, Rejected, signature_valid, verify
+from gateway.ingest import Registry, Rejected, verify, vouching_key
 from gateway.metering import Device
 from gateway.mqtt import Incoming
 from gateway.receiver import Receiver, frame, read_frame
@@ -53,22 +53,22 @@ def raw_public_key(device: RawDevice) -> bytes:
     return bytes.fromhex(public_key_hex(device.key))
 
 
-def test_signature_valid_only_for_the_topic_device_s_own_signature() -> None:
+def test_a_report_is_vouched_for_only_with_the_topic_device_s_own_key() -> None:
     alice, mallory = RawDevice("alice"), RawDevice("mallory")
     keys = {"alice": raw_public_key(alice), "mallory": raw_public_key(mallory)}
     report = alice.report({"api_calls": 1})
-    assert signature_valid("alice", report, keys)
-    assert not signature_valid("mallory", report, keys)  # another device's topic
-    assert not signature_valid("bob", report, keys)  # no key: the gateway decides
-    assert not signature_valid(None, report, keys)
+    assert vouching_key("alice", report, keys) == keys["alice"]
+    assert vouching_key("mallory", report, keys) is None  # another device's topic
+    assert vouching_key("bob", report, keys) is None  # no key: the gateway decides
+    assert vouching_key(None, report, keys) is None
     forged = RawDevice("alice", key=Ed25519PrivateKey.generate()).report({"api_calls": 1})
-    assert not signature_valid("alice", forged, keys)
-    assert not signature_valid("alice", report[:-1], keys)
+    assert vouching_key("alice", forged, keys) is None
+    assert vouching_key("alice", report[:-1], keys) is None
 
 
 @given(st.binary(max_size=300), st.sampled_from(["alice", "", None]))
-def test_signature_valid_is_false_for_junk_and_never_raises(payload: bytes, device: Any) -> None:
-    assert not signature_valid(device, payload, {"alice": b"\x01" * 32})
+def test_nothing_is_vouched_for_junk_and_it_never_raises(payload: bytes, device: Any) -> None:
+    assert vouching_key(device, payload, {"alice": b"\x01" * 32}) is None
 
 
 def registry_with(*devices: tuple[RawDevice, bool]) -> Registry:
@@ -84,16 +84,28 @@ def registry_with(*devices: tuple[RawDevice, bool]) -> Registry:
 def test_a_vouched_report_is_verified_as_a_checked_one_but_for_the_signature() -> None:
     alice, revoked = RawDevice("alice"), RawDevice("gone")
     registry = registry_with((alice, False), (revoked, True))
-    good = alice.report({"api_calls": 5})
-    assert verify("alice", good, registry, vouched=True) == verify("alice", good, registry)
-    assert isinstance(verify("alice", good, registry, vouched=True), UsageReport)
+    good, key = alice.report({"api_calls": 5}), raw_public_key(alice)
+    assert verify("alice", good, registry, vouched_by=key) == verify("alice", good, registry)
+    assert isinstance(verify("alice", good, registry, vouched_by=key), UsageReport)
     # What the gateway still decides itself: revocation, the body, the device in it.
-    gone = verify("gone", revoked.report({"api_calls": 1}), registry, vouched=True)
+    gone = verify("gone", revoked.report({"api_calls": 1}), registry, vouched_by=key)
     assert isinstance(gone, Rejected)
     assert gone.rejection.reason is Reason.REVOKED_DEVICE
-    mismatch = verify("alice", RawDevice("bob", key=alice.key).report({}), registry, vouched=True)
+    bob = RawDevice("bob", key=alice.key).report({})
+    mismatch = verify("alice", bob, registry, vouched_by=key)
     assert isinstance(mismatch, Rejected)
     assert mismatch.rejection.reason is Reason.DEVICE_MISMATCH
+
+
+def test_a_report_vouched_for_with_another_device_s_key_is_checked_in_full() -> None:
+    """The receiver's key table may confuse two ids whose hashes collide: a report signed
+    by another device's key, vouched for with that key, is still refused."""
+    alice, mallory = RawDevice("alice"), RawDevice("mallory")
+    registry = registry_with((alice, False), (mallory, False))
+    impostor = RawDevice("alice", key=mallory.key).report({"api_calls": 1})
+    result = verify("alice", impostor, registry, vouched_by=raw_public_key(mallory))
+    assert isinstance(result, Rejected)
+    assert result.rejection.reason is Reason.BAD_SIGNATURE
 
 
 # --- the process, against a real broker -------------------------------------------------
@@ -104,7 +116,7 @@ async def receiving(
     broker_url: str, client_id: str, prefix: str, keys: dict[str, bytes]
 ) -> AsyncIterator[tuple[Receiver, asyncio.Queue[Incoming]]]:
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    receiver = Receiver(broker_url, client_id, prefix, inbox, lambda: keys, max_unacknowledged=50)
+    receiver = Receiver(broker_url, client_id, prefix, inbox, keys.items, max_unacknowledged=50)
     await receiver.start()
     running = asyncio.create_task(receiver.run())
     try:
@@ -133,7 +145,8 @@ async def test_the_receiver_vouches_and_the_broker_keeps_what_it_was_not_told_to
         assert await publisher.client.flush(TIMEOUT)
         async with receiving(shared_broker.url, client_id, prefix, keys) as (receiver, inbox):
             got = [await next_message(inbox), await next_message(inbox)]
-            assert [(m.payload, m.vouched) for m in got] == [(first, True), (second, False)]
+            vouched = [(m.payload, m.vouched_by) for m in got]
+            assert vouched == [(first, keys["alice"]), (second, None)]
             receiver.ack(got[0])  # the second is never acknowledged
         marker = alice.report({"api_calls": 2})
         publisher.publish(topics.usage("alice"), marker)
@@ -147,7 +160,7 @@ async def test_the_receiver_vouches_and_the_broker_keeps_what_it_was_not_told_to
 async def test_a_receiver_whose_gateway_died_exits(shared_broker: Any) -> None:
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     receiver = Receiver(
-        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, dict,
+        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, tuple,
         max_unacknowledged=50,
     )  # fmt: skip
     await receiver.start()
@@ -160,7 +173,7 @@ async def test_a_receiver_whose_gateway_died_exits(shared_broker: Any) -> None:
 
 async def test_a_receiver_that_cannot_connect_says_why() -> None:
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    receiver = Receiver("mqtt://127.0.0.1:1", "rx-none", "p", inbox, dict, max_unacknowledged=5)
+    receiver = Receiver("mqtt://127.0.0.1:1", "rx-none", "p", inbox, tuple, max_unacknowledged=5)
     with pytest.raises(BrokerError, match=r"unreachable after 0\.5 s"):
         await receiver.start(timeout=0.5)
 
@@ -208,10 +221,10 @@ async def test_a_receiver_whose_forwarding_fails_exits_to_be_replaced(
     """A receiver that could no longer forward would stall the gateway while it looked
     alive: it exits instead (status 1), and the gateway starts another."""
 
-    def broken(*_: object) -> bool:
+    def broken(*_: object) -> bytes:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(receiver_module, "signature_valid", broken)
+    monkeypatch.setattr(receiver_module, "vouching_key", broken)
     prefix, device = unique_prefix(), RawDevice("alice")
     gateway_end, receiver_end = socket.socketpair()
     serving = asyncio.create_task(receiver_module.serve(receiver_end.detach()))
@@ -219,8 +232,9 @@ async def test_a_receiver_whose_forwarding_fails_exits_to_be_replaced(
     writer.write(frame({
         "broker": shared_broker.url, "client_id": f"rx-{uuid.uuid4().hex[:8]}",
         "topic_prefix": prefix, "max_unacknowledged": 10, "log_level": 30,
-        "keys": {"alice": raw_public_key(device)}, "connect_timeout": TIMEOUT,
+        "connect_timeout": TIMEOUT,
     }))  # fmt: skip
+    writer.write(frame(["keys", [["alice", raw_public_key(device)]]]) + frame(["connect"]))
     assert await asyncio.wait_for(read_frame(reader), TIMEOUT) == ["ready"]
     async with Listener.connect(shared_broker.url) as publisher:
         publisher.publish(Topics(prefix).usage("alice"), device.report({"api_calls": 1}))
