@@ -127,11 +127,21 @@ class Gateway:
             flood_limit=settings.max_reports_per_second,
         )  # fmt: skip
         self.service = service
-        await service.load()
-        sock = _bind(*settings.api_host_port)
+        receiver = Receiver(
+            settings.broker, settings.client_id, settings.topic_prefix, service.inbox,
+            service.public_keys, max_unacknowledged=MAX_UNACKNOWLEDGED,
+            on_restart=service.metrics.receiver_restarts.inc,
+        )  # fmt: skip
+        await receiver.spawn()  # its interpreter starts while the ledger loads
+        try:
+            await service.load()
+            sock = _bind(*settings.api_host_port)
+        except BaseException:
+            await receiver.close()
+            raise
         self.api_port = sock.getsockname()[1]
         try:
-            mqtt, receiver = await self._connect(service)
+            mqtt = await self._connect(service, receiver)
         except BrokerError:
             sock.close()
             raise
@@ -171,9 +181,9 @@ class Gateway:
             service.close()
             sock.close()
 
-    async def _connect(self, service: MeteringService) -> tuple[MqttClient, Receiver]:
-        """Connect the publishing client, then start the receiver process (which holds
-        the persistent session). Raises :class:`BrokerError`, with nothing left open."""
+    async def _connect(self, service: MeteringService, receiver: Receiver) -> MqttClient:
+        """Connect the publishing client, then the receiver (which holds the persistent
+        session). Raises :class:`BrokerError`, with nothing left open."""
         settings = self.settings
         mqtt = MqttClient(
             BrokerUrl.parse(settings.broker),
@@ -181,18 +191,17 @@ class Gateway:
             on_published=service.control_published,
             on_connect=self._connected,
         )
-        await mqtt.connect()
-        receiver = Receiver(
-            settings.broker, settings.client_id, settings.topic_prefix, service.inbox,
-            service.public_keys, max_unacknowledged=MAX_UNACKNOWLEDGED,
-            on_restart=service.metrics.receiver_restarts.inc,
-        )  # fmt: skip
         try:
-            await receiver.start()
+            await mqtt.connect()  # on failure, it has disconnected
+        except BrokerError:
+            await receiver.close()
+            raise
+        try:
+            await receiver.start()  # on failure, its process has ended
         except BrokerError:
             await mqtt.disconnect()
             raise
-        return mqtt, receiver
+        return mqtt
 
     def _connected(self) -> None:
         """Each (re)connect to the broker; all but the first re-publish retained state."""

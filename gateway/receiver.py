@@ -138,12 +138,9 @@ class Receiver:
         """The receiver process's id (None before :meth:`start`)."""
         return self._process.pid if self._process is not None else None
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Spawn the receiver and wait until it is connected and subscribed.
-
-        Raises :class:`BrokerError` (with the receiver's reason) if it cannot connect
-        within ``timeout`` seconds.
-        """
+    async def spawn(self) -> None:
+        """Start the receiver process without connecting it yet: its interpreter starts
+        while the gateway loads its ledger. :meth:`start` does this when not done."""
         parent, child = socket.socketpair()
         with child:
             self._process = await asyncio.create_subprocess_exec(
@@ -151,6 +148,18 @@ class Receiver:
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         self._reader, self._writer = await asyncio.open_connection(sock=parent)
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Spawn the receiver (unless :meth:`spawn` did), send it every key and wait
+        until it is connected and subscribed.
+
+        Raises :class:`BrokerError` (with the receiver's reason) if it cannot connect
+        within ``timeout`` seconds.
+        """
+        if self._writer is None:
+            await self.spawn()
+        assert self._reader is not None
+        assert self._writer is not None
         self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
         self._writer.write(frame({**self._settings, "connect_timeout": timeout}))
