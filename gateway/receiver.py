@@ -163,10 +163,11 @@ class Receiver:
         self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
         self._writer.write(frame({**self._settings, "connect_timeout": timeout}))
-        await self._send_keys(self._writer)
-        self._writer.write(frame(["connect"]))
         try:
+            # Keys included: a receiver that hung would otherwise stall this for ever.
             async with asyncio.timeout(timeout + STOP_TIMEOUT):  # its own timeout comes first
+                await self._send_keys(self._writer)
+                self._writer.write(frame(["connect"]))
                 answer = await read_frame(self._reader)
         except TimeoutError:
             answer = ["error", f"the receiver did not connect within {timeout:g} s"]
