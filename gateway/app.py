@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.api import build_api
 from gateway.config import Settings
-from gateway.errors import BrokerError, ConfigError
+from gateway.errors import ConfigError
 from gateway.ingest import Pricing
 from gateway.ledger import Ledger
 from gateway.metrics import Metrics
@@ -142,7 +142,7 @@ class Gateway:
         self.api_port = sock.getsockname()[1]
         try:
             mqtt = await self._connect(service, receiver)
-        except BrokerError:
+        except BaseException:
             sock.close()
             raise
         service.attach(mqtt, receiver)
@@ -183,23 +183,25 @@ class Gateway:
 
     async def _connect(self, service: MeteringService, receiver: Receiver) -> MqttClient:
         """Connect the publishing client, then the receiver (which holds the persistent
-        session). Raises :class:`BrokerError`, with nothing left open."""
+        session). Raises :class:`BrokerError` (or :class:`ConfigError` for a bad broker
+        URL), with nothing left open: the receiver is closed on any failure."""
         settings = self.settings
-        mqtt = MqttClient(
-            BrokerUrl.parse(settings.broker),
-            publisher_client_id(settings.client_id),
-            on_published=service.control_published,
-            on_connect=self._connected,
-        )
         try:
+            mqtt = MqttClient(
+                BrokerUrl.parse(settings.broker),
+                publisher_client_id(settings.client_id),
+                on_published=service.control_published,
+                on_connect=self._connected,
+            )
             await mqtt.connect()  # on failure, it has disconnected
-        except BrokerError:
+        except BaseException:
             await receiver.close()
             raise
         try:
             await receiver.start()  # on failure, its process has ended
-        except BrokerError:
+        except BaseException:
             await mqtt.disconnect()
+            await receiver.close()
             raise
         return mqtt
 

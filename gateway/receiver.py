@@ -47,6 +47,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -70,6 +71,7 @@ KEYS_PER_FRAME = 4096  # keys sent at start in frames of this many: no 10 MB fra
 GENERATION = 1 << 32  # Incoming.session = generation * GENERATION + the receiver's connection
 STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
+STABLE_SECONDS = 30.0  # receivers dying sooner after starting are replaced ever more slowly
 # The GIL's switch interval here. A verifying thread wants the GIL back after each
 # signature (about 100 us of C), and waits up to this long behind paho's reading thread.
 # Measured (bench drain, two rounds each): 0.1 ms 5,207-6,032/s at 308-324 us of CPU a
@@ -132,6 +134,9 @@ class Receiver:
         self._writer: asyncio.StreamWriter | None = None
         self._acks: list[tuple[int, int, int]] = []
         self._closing = False
+        self._started_at = 0.0  # loop time of the last successful start
+        self._quick_deaths = 0  # receivers in a row that died within STABLE_SECONDS
+        self._closed = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -142,12 +147,16 @@ class Receiver:
         """Start the receiver process without connecting it yet: its interpreter starts
         while the gateway loads its ledger. :meth:`start` does this when not done."""
         parent, child = socket.socketpair()
-        with child:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.receiver", str(child.fileno()),
-                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-        self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        try:
+            with child:
+                self._process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway.receiver", str(child.fileno()),
+                    pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+            self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        except BaseException:
+            parent.close()  # the child, if started, reads the end and exits
+            raise
 
     async def start(self, timeout: float = 10.0) -> None:
         """Spawn the receiver (unless :meth:`spawn` did), send it every key and wait
@@ -158,27 +167,33 @@ class Receiver:
         """
         if self._writer is None:
             await self.spawn()
-        assert self._reader is not None
-        assert self._writer is not None
+        reader, writer = self._reader, self._writer
+        if self._closing or reader is None or writer is None:  # close() came meanwhile
+            await self._end_process()
+            raise BrokerError("the receiver is being closed")
         self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
-        self._writer.write(frame({**self._settings, "connect_timeout": timeout}))
+        writer.write(frame({**self._settings, "connect_timeout": timeout}))
         try:
             # Keys included: a receiver that hung would otherwise stall this for ever.
             async with asyncio.timeout(timeout + STOP_TIMEOUT):  # its own timeout comes first
-                await self._send_keys(self._writer)
-                self._writer.write(frame(["connect"]))
-                answer = await read_frame(self._reader)
+                await self._send_keys(writer)
+                if not writer.is_closing():  # close() may have closed it meanwhile
+                    writer.write(frame(["connect"]))
+                answer = await read_frame(reader)
         except TimeoutError:
             answer = ["error", f"the receiver did not connect within {timeout:g} s"]
         if answer != ["ready"]:
             await self._end_process()
             reason = answer[1] if isinstance(answer, list) and len(answer) == 2 else None
             raise BrokerError(reason or "the receiver process exited before connecting")
+        self._started_at = asyncio.get_running_loop().time()
 
     async def _send_keys(self, writer: asyncio.StreamWriter) -> None:
         keys = iter(self._keys())
         while chunk := [[device, key] for device, key in itertools.islice(keys, KEYS_PER_FRAME)]:
+            if writer.is_closing():  # closed by close(), or the receiver died
+                return
             writer.write(frame(["keys", chunk]))
             with contextlib.suppress(ConnectionError):  # a dead receiver: start() says why
                 await writer.drain()
@@ -201,10 +216,14 @@ class Receiver:
                 inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, base + connection, key))
 
     async def _restart(self) -> None:
-        for attempt in itertools.count():
+        # Receivers that keep dying soon after starting are not restarted in a tight loop.
+        quick = asyncio.get_running_loop().time() - self._started_at < STABLE_SECONDS
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        for attempt in itertools.count(max(0, self._quick_deaths - 1)):
             delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
             log.error("the receiver process stopped: starting another in %.1f s", delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
             if self._closing:
                 return
             try:
@@ -246,6 +265,7 @@ class Receiver:
         """Send the acknowledgements given so far, let the receiver disconnect and wait
         for it to exit (killed after ``STOP_TIMEOUT``)."""
         self._closing = True
+        self._closed.set()
         if self._acks:
             self._send_acks()
         await self._end_process()
@@ -254,8 +274,10 @@ class Receiver:
         writer, process = self._writer, self._process
         self._writer = None
         if writer is not None:
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+            try:
+                await asyncio.wait_for(writer.drain(), STOP_TIMEOUT)
+            except (ConnectionError, TimeoutError):
+                writer.transport.abort()  # a receiver that stopped reading: no more waiting
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -377,6 +399,11 @@ async def _forward(
 
 
 def main() -> int:
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the gateway
+    # stops cleanly, and this process must stay until it has sent the gateway's last
+    # acknowledgements, i.e. until the gateway closes the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.setswitchinterval(SWITCH_INTERVAL)
     return asyncio.run(serve(int(sys.argv[1])))
 

@@ -240,3 +240,58 @@ async def test_a_receiver_whose_forwarding_fails_exits_to_be_replaced(
         publisher.publish(Topics(prefix).usage("alice"), device.report({"api_calls": 1}))
         assert await asyncio.wait_for(serving, TIMEOUT) == 1
     writer.close()
+
+
+async def test_a_receiver_outlives_ctrl_c_and_sigterm_until_its_gateway_closes(
+    shared_broker: Any,
+) -> None:
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group: the
+    receiver stays (to send the gateway's last acknowledgements) and exits cleanly when
+    the gateway closes it."""
+    prefix, device = unique_prefix(), RawDevice("alice")
+    keys = {"alice": raw_public_key(device)}
+    async with receiving(shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", prefix, keys) as (
+        receiver,
+        inbox,
+    ):
+        process = receiver._process
+        assert process is not None
+        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, signal.SIGTERM)
+        async with Listener.connect(shared_broker.url) as publisher:
+            report = device.report({"api_calls": 1})
+            publisher.publish(Topics(prefix).usage("alice"), report)
+            assert (await next_message(inbox)).payload == report  # still forwarding
+    assert process.returncode == 0
+
+
+async def test_close_during_a_restart_ends_everything(
+    shared_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while a dead receiver's replacement is being spawned: the replacement is
+    ended, run() returns, no process is left."""
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    receiver = Receiver(
+        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, tuple,
+        max_unacknowledged=50,
+    )  # fmt: skip
+    await receiver.start()
+    running = asyncio.create_task(receiver.run())
+    spawning, proceed, spawned = asyncio.Event(), asyncio.Event(), []
+    original = Receiver.spawn
+
+    async def held_spawn(self: Receiver) -> None:
+        spawning.set()
+        await proceed.wait()
+        await original(self)
+        spawned.append(self._process)
+
+    monkeypatch.setattr(Receiver, "spawn", held_spawn)
+    first = receiver._process
+    assert first is not None
+    first.kill()
+    await asyncio.wait_for(spawning.wait(), TIMEOUT)
+    await receiver.close()
+    proceed.set()
+    await asyncio.wait_for(running, TIMEOUT)
+    assert [p.returncode is not None for p in spawned] == [True]
