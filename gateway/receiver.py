@@ -46,13 +46,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -62,6 +60,7 @@ from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.topics import Topics
+from gateway.workers import Workers
 
 log = logging.getLogger("tokenwell.gateway")
 FRAME = struct.Struct(">I")
@@ -360,23 +359,13 @@ class Vouching:
 
     def __init__(self, topics: Topics, keys: KeyTable) -> None:
         self._topics, self._keys = topics, keys
-        self._threads = os.cpu_count() or 2
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="vouch")
+        self._workers = Workers("vouch")
 
     async def check(self, batch: list[Incoming]) -> list[bytes | None]:
-        """For each message, the key its signature is valid with (:func:`vouching_key`). A
-        small batch is checked on the loop: handing it to threads costs more than it saves."""
-        if len(batch) <= INLINE_VOUCH:
-            return self._check(batch)
-        loop = asyncio.get_running_loop()
-        step = -(-len(batch) // self._threads)
-        parts = [batch[i : i + step] for i in range(0, len(batch), step)]
-        done = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._check, p) for p in parts)
-        )
-        return [key for part in done for key in part]
+        """For each message, the key its signature is valid with (:func:`vouching_key`)."""
+        return await self._workers.map(self._check, batch, inline=INLINE_VOUCH)
 
-    def _check(self, messages: list[Incoming]) -> list[bytes | None]:
+    def _check(self, messages: Sequence[Incoming]) -> list[bytes | None]:
         device_of, keys = self._topics.device_of_usage, self._keys
         return [vouching_key(device_of(m.topic), m.payload, keys) for m in messages]
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
 
@@ -62,6 +60,7 @@ from gateway.statement import StatementError, build_statement
 from gateway.topics import Topics
 from gateway.views import Event, device_state, pool_view, state_json
 from gateway.wire import ControlMessage, UsageReport, is_device_id, sign_control
+from gateway.workers import Workers
 
 log = logging.getLogger("tokenwell.gateway")
 
@@ -125,9 +124,7 @@ class MeteringService:
         self._announced_unpriced: set[tuple[str, str]] = set()
         self._floods = FloodMonitor(flood_limit)
         self._rejected_events = (0, 0)  # (second, rejected events published in it)
-        self._pool = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="verify"
-        )
+        self._workers = Workers("verify")
         self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
         self._verified: asyncio.Queue[tuple[list[Incoming], list[UsageReport | Rejected]]]
         self._verified = asyncio.Queue(maxsize=2)
@@ -218,13 +215,10 @@ class MeteringService:
 
     async def _verify_in_threads(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
         items = [(self.topics.device_of_usage(m.topic), m.payload) for m in batch]
-        if len(items) <= INLINE_VERIFY:
-            return _verify_all(items, self.registry)
-        loop = asyncio.get_running_loop()
-        step = -(-len(items) // (self._pool._max_workers))
-        chunks = [items[i : i + step] for i in range(0, len(items), step)]
-        futures = [loop.run_in_executor(self._pool, _verify_all, c, self.registry) for c in chunks]
-        return [item for part in await asyncio.gather(*futures) for item in part]
+        registry = self.registry
+        return await self._workers.map(
+            lambda chunk: _verify_all(chunk, registry), items, inline=INLINE_VERIFY
+        )
 
     async def charge_stage(self) -> None:
         """Charge batch after batch, in order, against the committed state plus what is
@@ -684,7 +678,7 @@ class MeteringService:
         return await self.ledger.usage(query)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
 
 
 def _verify_all(
