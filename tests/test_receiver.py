@@ -126,6 +126,13 @@ async def receiving(
         await asyncio.wait_for(running, TIMEOUT)
 
 
+def keyless_receiver(broker_url: str) -> Receiver:
+    """A receiver of a fresh client id and prefix, with no device keys."""
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    client_id = f"rx-{uuid.uuid4().hex[:8]}"
+    return Receiver(broker_url, client_id, unique_prefix(), inbox, tuple, max_unacknowledged=50)
+
+
 async def next_message(inbox: asyncio.Queue[Incoming]) -> Incoming:
     return await asyncio.wait_for(inbox.get(), TIMEOUT)
 
@@ -158,11 +165,7 @@ async def test_the_receiver_vouches_and_the_broker_keeps_what_it_was_not_told_to
 
 
 async def test_a_receiver_whose_gateway_died_exits(shared_broker: Any) -> None:
-    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    receiver = Receiver(
-        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, tuple,
-        max_unacknowledged=50,
-    )  # fmt: skip
+    receiver = keyless_receiver(shared_broker.url)
     await receiver.start()
     process = receiver._process
     assert process is not None
@@ -270,11 +273,7 @@ async def test_close_during_a_restart_ends_everything(
 ) -> None:
     """close() while a dead receiver's replacement is being spawned: the replacement is
     ended, run() returns, no process is left."""
-    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    receiver = Receiver(
-        shared_broker.url, f"rx-{uuid.uuid4().hex[:8]}", unique_prefix(), inbox, tuple,
-        max_unacknowledged=50,
-    )  # fmt: skip
+    receiver = keyless_receiver(shared_broker.url)
     await receiver.start()
     running = asyncio.create_task(receiver.run())
     spawning, proceed, spawned = asyncio.Event(), asyncio.Event(), []
