@@ -112,7 +112,7 @@ def gateway_verify_rate(
 ) -> float:
     """The gateway's whole per-message check (``gateway.ingest.verify``) on one thread."""
     registry = Registry()
-    registry.devices = {device.id: provisioned(device, 1, 0)[0] for device in devices}
+    registry.apply({device.id: provisioned(device, 1, 0)[0] for device in devices})
     items = [(report.device, report.payload) for report in reports]
 
     def run() -> None:

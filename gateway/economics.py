@@ -359,9 +359,16 @@ def advance(pool: Pool, now_ms: int) -> Outcome:
 
 def is_due(pool: Pool, now_ms: int) -> bool:
     """Whether a period boundary or a grant expiry of ``pool`` has come by ``now_ms``."""
-    if pool.period_end_ms is not None and pool.period_end_ms <= now_ms:
-        return True
-    return any(g.expires_ms is not None and g.expires_ms <= now_ms for g in pool.grants)
+    due = next_due_ms(pool)
+    return due is not None and due <= now_ms
+
+
+def next_due_ms(pool: Pool) -> int | None:
+    """The earliest period boundary or grant expiry of ``pool`` (None: neither)."""
+    times = [g.expires_ms for g in pool.grants if g.expires_ms is not None]
+    if pool.period_end_ms is not None:
+        times.append(pool.period_end_ms)
+    return min(times, default=None)
 
 
 def _expire(pool: Pool, at_ms: int) -> Outcome:

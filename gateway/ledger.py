@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from gateway.economics import Movement, Pool
 from gateway.errors import LedgerError
 from gateway.metering import Device
+from gateway.packing import pack_device, pack_pool, unpack_device, unpack_pool
 from gateway.statement import Evidence
 
 Bucket = Literal["hour", "day", "month", "all"]
@@ -134,6 +135,41 @@ class Snapshot:
     pools: list[Pool] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class PackedSnapshot:
+    """What the gateway loads at start-up, as packed records (:mod:`gateway.packing`):
+    device id -> packed device (with its ``H``), pool key -> packed pool."""
+
+    devices: dict[str, bytes]
+    pools: dict[str, bytes]
+
+
+def pack_snapshot(
+    devices: Iterable[Device], highs: Iterable[HighMark], pools: Iterable[Pool]
+) -> PackedSnapshot:
+    """``devices`` (each with the ``H`` of ``highs``) and ``pools``, packed."""
+    marks: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+    for mark in highs:
+        marks[mark.device].append((mark.boot, mark.meter, mark.high))
+    return PackedSnapshot(
+        {d.id: pack_device(replace(d, highs=tuple(sorted(marks[d.id])))) for d in devices},
+        {pool.key: pack_pool(pool) for pool in pools},
+    )
+
+
+def unpack_snapshot(packed: PackedSnapshot) -> Snapshot:
+    """The :class:`Snapshot` of ``packed``: devices without their ``H``, which comes apart."""
+    names: dict[str, str] = {}
+    devices: list[Device] = []
+    highs: list[HighMark] = []
+    for device_id, data in packed.devices.items():
+        device = unpack_device(device_id, data, names)
+        highs.extend(HighMark(device_id, b, m, h) for b, m, h in device.highs)
+        devices.append(replace(device, highs=()))
+    pools = [unpack_pool(key, data, names) for key, data in packed.pools.items()]
+    return Snapshot(devices, highs, pools)
+
+
 class Ledger(Protocol):
     """The durable store. Every method may raise :class:`~gateway.errors.LedgerError`."""
 
@@ -142,6 +178,9 @@ class Ledger(Protocol):
     async def close(self) -> None: ...
 
     async def load(self) -> Snapshot: ...
+
+    async def load_packed(self) -> PackedSnapshot:
+        """What :meth:`load` returns, packed: a start-up builds no record objects."""
 
     async def commit(self, write: LedgerWrite) -> None:
         """Apply ``write`` atomically and durably; on error nothing of it is applied."""
@@ -204,6 +243,10 @@ class MemoryLedger:
     async def load(self) -> Snapshot:
         highs = [HighMark(d, b, m, h) for (d, b, m), h in self.highs.items()]
         return Snapshot(list(self.devices.values()), highs, list(self.pools.values()))
+
+    async def load_packed(self) -> PackedSnapshot:
+        snapshot = await self.load()
+        return pack_snapshot(snapshot.devices, snapshot.highs, snapshot.pools)
 
     async def commit(self, write: LedgerWrite) -> None:
         self._check(write)  # first, so that a refused write applies nothing

@@ -36,7 +36,6 @@ from gateway.economics import (
     advance,
     configure,
     credit,
-    is_due,
     shared_pool_key,
 )
 from gateway.errors import BadRequest, Conflict, LedgerError, NotFound
@@ -142,15 +141,12 @@ class MeteringService:
     # --- start-up -------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Rebuild the in-memory registry from the ledger."""
-        snapshot = await self.ledger.load()
-        highs: dict[str, list[tuple[int, str, int]]] = {}
-        for mark in snapshot.highs:
-            highs.setdefault(mark.device, []).append((mark.boot, mark.meter, mark.high))
-        devices = [replace(d, highs=tuple(sorted(highs.get(d.id, ())))) for d in snapshot.devices]
-        self.registry.apply({d.id: d for d in devices}, snapshot.pools)
+        """Rebuild the in-memory registry from the ledger (packed: no record is built)."""
+        snapshot = await self.ledger.load_packed()
+        self.registry.load(snapshot.devices, snapshot.pools)
         self._dirty.update(self.registry.devices)
-        self.metrics.devices.set(sum(not d.revoked for d in snapshot.devices))
+        active = sum(not summary.revoked for _, summary in self.registry.summaries())
+        self.metrics.devices.set(active)
 
     def attach(self, mqtt: Publisher, receiver: Intake) -> None:
         """Connect the service to MQTT: ``mqtt`` publishes, ``receiver`` acknowledges the
@@ -160,9 +156,11 @@ class MeteringService:
         them.
         """
         self._mqtt, self._receiver = mqtt, receiver
-        for device in self.registry.devices.values():
-            if device.control is not None and device.control.seq > device.control_sent:
-                self._publish_control(device.control)
+        for device_id, summary in self.registry.summaries():
+            if summary.control_unconfirmed:
+                control = self.registry.devices[device_id].control
+                assert control is not None
+                self._publish_control(control)
         self.reconnected()
 
     def reconnected(self) -> None:
@@ -343,6 +341,8 @@ class MeteringService:
         sent = self._pending_controls.pop(mid, None)
         if sent is None:
             return
+        if not self._pending_controls:  # a dict keeps its largest table: 5 MB after a start
+            self._pending_controls = {}
         device = self.registry.devices.get(sent[0])
         if device is not None and device.control_sent < sent[1]:
             self.registry.devices[device.id] = replace(device, control_sent=sent[1])
@@ -393,6 +393,10 @@ class MeteringService:
                 state = state_json(device, self.registry.pool_of(device))
                 self._mqtt.publish(self.topics.fleet_device(device.id), state, retain=True)
                 count += 1
+        if not self._republish:  # a set keeps its largest table: 4 MB after a start
+            self._republish = set()
+        if not self._dirty:
+            self._dirty = set()
         return count
 
     # --- admin operations -----------------------------------------------------------
@@ -563,7 +567,7 @@ class MeteringService:
         messages (``period_reset``) and events. Called every fleet-state interval; a
         failing commit leaves them due for the next call."""
         now = self._clock()
-        due = [key for key, pool in self.registry.pools.items() if is_due(pool, now)]
+        due = self.registry.due_pools(now)
         if not due:
             return
         async with self._exclusive():
@@ -609,10 +613,10 @@ class MeteringService:
         (whole UTC hours; see :mod:`gateway.statement`). Raises NotFound for an account
         without devices, BadRequest for a bad window, Conflict when the stored evidence
         would not verify."""
-        devices = [d for d in self.registry.devices.values() if d.account == account]
-        if not devices:
+        keys = {i: s.public_key for i, s in self.registry.summaries() if s.account == account}
+        if not keys:
             raise NotFound(f"no account {account!r}")
-        ids = [d.id for d in devices]
+        ids = list(keys)
         evidence = [
             *await self.ledger.evidence(ids, since_ms),
             *await self.ledger.evidence(ids, until_ms),
@@ -620,7 +624,7 @@ class MeteringService:
         try:
             return build_statement(
                 account=account, since_ms=since_ms, until_ms=until_ms,
-                public_keys={d.id: d.public_key for d in devices},
+                public_keys=keys,
                 prices=self.pricing.prices, evidence=evidence,
                 generated_ms=self._clock(), gateway_key=self._key,
             )  # fmt: skip
@@ -633,10 +637,11 @@ class MeteringService:
         """Every account (of a device or a shared pool): its devices and whether it has a
         shared pool."""
         devices: dict[str, list[str]] = {}
-        for device in self.registry.devices.values():
-            devices.setdefault(device.account, []).append(device.id)
-        for pool in self.registry.pools.values():
-            devices.setdefault(pool.account, [])
+        for device_id, summary in self.registry.summaries():
+            devices.setdefault(summary.account, []).append(device_id)
+        for key in self.registry.pools:
+            if key not in self.registry.devices:  # a shared pool (a dedicated one has its device)
+                devices.setdefault(self.registry.pools[key].account, [])
         return [
             {
                 "account": account,
@@ -668,8 +673,8 @@ class MeteringService:
 
     def public_keys(self) -> Iterator[tuple[str, bytes]]:
         """Every device's id and public key (revoked devices' too)."""
-        for device in list(self.registry.devices.values()):
-            yield device.id, device.public_key
+        for device_id, summary in self.registry.summaries():
+            yield device_id, summary.public_key
 
     def devices(self) -> list[Device]:
         return sorted(self.registry.devices.values(), key=lambda d: d.id)

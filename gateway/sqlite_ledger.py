@@ -21,34 +21,27 @@ import functools
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import msgpack
 
 from gateway.economics import (
-    GRANT_KINDS,
-    POLICIES,
-    GrantKind,
     GrantState,
     Movement,
-    PeriodRule,
-    Policy,
     Pool,
-    TopUpRule,
 )
 from gateway.errors import InvalidMessage, LedgerError
 from gateway.ledger import (
     Debit,
-    HighMark,
     LedgerWrite,
+    PackedSnapshot,
     Snapshot,
     UsageQuery,
     UsageRow,
+    unpack_snapshot,
 )
-from gateway.metering import Device
+from gateway.packing import DEVICE_FIELDS, device_row, pack_device_row, pack_pool
 from gateway.statement import Evidence
 from gateway.wire import ControlMessage
 
@@ -97,10 +90,7 @@ CREATE TABLE IF NOT EXISTS movements (
 );
 """
 
-_DEVICE_COLUMNS = (
-    "id, public_key, account, pool, used, created_ms, updated_ms, revoked, "
-    "last_report_ms, ctl_n, ctl_t, ctl_s, ctl_r, ctl_bal, ctl_why, ctl_sent, cap, period_ms"
-)
+_DEVICE_COLUMNS = ", ".join(DEVICE_FIELDS)
 _UPSERT_DEVICE = f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS})"
 _KEEP_EVIDENCE = (
     "INSERT INTO evidence (device, boot, hour_ms, n, envelope)",
@@ -130,78 +120,14 @@ _BUCKET_SQL = {
 }
 
 
-def device_row(device: Device) -> tuple[Any, ...]:
-    """A :class:`Device` as a ``devices`` row."""
-    c = device.control
-    control = (c.seq, c.time_ms, c.state, c.rate_permille, c.balance, c.why) if c else (None,) * 6
-    return (
-        device.id, device.public_key, device.account, device.pool, device.used,
-        device.created_ms, device.updated_ms, int(device.revoked), device.last_report_ms,
-        *control, device.control_sent, device.cap, device.period_ms,
-    )  # fmt: skip
-
-
-def device_from_row(row: tuple[Any, ...], names: dict[str, str]) -> Device:
-    """The inverse of :func:`device_row`. ``names`` shares equal strings (ids, accounts,
-    control states and reasons) between records, and equal time stamps within a record
-    share one object: with :func:`pool_from_state`, that took the registry loaded from
-    20,000 devices from 1,228 to 941 bytes per device."""
-    (id_, key, account, pool, used, created, updated, revoked, last, *ctl) = row
-    id_ = names.setdefault(id_, id_)
-    account = names.setdefault(account, account)
-    pool = id_ if pool == id_ else names.setdefault(pool, pool)
-    stamps = {created: created}
-    updated = stamps.setdefault(updated, updated)
-    if last is not None:
-        last = stamps.setdefault(last, last)
-    *ctl, sent, cap, period_ms = ctl
-    control = None
-    if ctl[0] is not None:
-        n, t, state, r, bal, why = ctl
-        t = stamps.setdefault(t, t)
-        control = ControlMessage(id_, n, t, _shared(names, state), r, bal, _shared(names, why))
-    return Device(
-        id_, bytes(key), account, pool, used, created, updated, bool(revoked), last,
-        control, sent, cap=cap, period_ms=period_ms,
-    )  # fmt: skip
-
-
-def _shared(names: dict[str, str], value: Any) -> Any:
-    """``value`` as the one object in ``names`` equal to it (None stays None)."""
-    return value if value is None else names.setdefault(value, value)
-
-
 # What a refused write or a corrupt record raises (a value too big for SQLite, a bad
 # stored control message, a pool record that does not decode).
 _STORAGE_ERRORS = (sqlite3.Error, OverflowError, InvalidMessage, ValueError, KeyError, TypeError)
-_POLICY: dict[str, Policy] = {p: p for p in POLICIES}
-_KIND: dict[str, GrantKind] = {k: k for k in GRANT_KINDS}
 
 
 def pool_row(pool: Pool) -> tuple[str, str, bytes]:
     """The ``pools`` row of ``pool``."""
-    return (pool.key, pool.account, pool_state(pool))
-
-
-def pool_state(pool: Pool) -> bytes:
-    """A :class:`Pool` as compact msgpack (a list in field order; exact integers and
-    fractions): thousands are written per second and 100,000 read at start-up."""
-    period = pool.period
-    topup = pool.topup
-    packed: bytes = msgpack.packb([
-        pool.key, pool.account, pool.policy, pool.overage_cap,
-        None if period is None else [period.unit, period.anchor_ms, period.tokens,
-                                     period.rollover_cap],
-        pool.period_start_ms, pool.period_end_ms, pool.allocation, pool.used, pool.settled,
-        pool.forfeited, pool.overage,
-        [[g.seq, g.kind, g.tokens, g.remaining, g.priority, g.expires_ms, g.created_ms]
-         for g in pool.grants],
-        [[t.numerator, t.denominator] for t in pool.thresholds],
-        [[t.numerator, t.denominator] for t in pool.fired],
-        None if topup is None else [topup.floor, topup.tokens],
-        pool.topup_armed, pool.next_seq,
-    ])  # fmt: skip
-    return packed
+    return (pool.key, pool.account, pack_pool(pool))
 
 
 def _pool_from_1(device: str, account: str, allocation: int, used: int, created: int) -> Pool:
@@ -227,22 +153,6 @@ _MIGRATE_FROM_1 = (
     " idempotency_key, device FROM grants ORDER BY seq",
     "DROP TABLE grants",
 )  # fmt: skip
-
-
-def pool_from_state(data: bytes, names: dict[str, str]) -> Pool:
-    """The inverse of :func:`pool_state`. ``names`` shares equal strings (ids, policy and
-    grant kinds) between records: 100,000 copies of ``"acme"`` cost 5 MB."""
-    (key, account, policy, cap, period, start, end, allocation, used, settled, forfeited,
-     overage, grants, thresholds, fired, topup, armed, seq) = msgpack.unpackb(data)  # fmt: skip
-    return Pool(
-        names.setdefault(key, key), names.setdefault(account, account),
-        _POLICY[policy], cap,
-        None if period is None else PeriodRule(*period), start, end, allocation, used,
-        settled, forfeited, overage,
-        tuple(GrantState(g[0], _KIND[g[1]], *g[2:]) for g in grants),
-        tuple(Fraction(n, d) for n, d in thresholds), tuple(Fraction(n, d) for n, d in fired),
-        None if topup is None else TopUpRule(*topup), armed, seq,
-    )  # fmt: skip
 
 
 class SqliteLedger:
@@ -358,23 +268,28 @@ class SqliteLedger:
         return self._reader
 
     async def load(self) -> Snapshot:
-        with self._translated("cannot load"):  # a stored control message may be corrupt
-            names: dict[str, str] = {}
-            devices = [
-                device_from_row(tuple(row), names)
-                async for row in _rows(self._w, f"SELECT {_DEVICE_COLUMNS} FROM devices")
-            ]
-            highs = [
-                HighMark(names.get(device, device), boot, names.setdefault(meter, meter), high)
-                async for device, boot, meter, high in _rows(
-                    self._w, "SELECT device, boot, meter, high FROM highs"
-                )
-            ]
-            pools = [
-                pool_from_state(row[0], names)
-                async for row in _rows(self._w, "SELECT state FROM pools")
-            ]
-        return Snapshot(devices, highs, pools)
+        return unpack_snapshot(await self.load_packed())
+
+    async def load_packed(self) -> PackedSnapshot:
+        """Packs rows as they come (:mod:`gateway.packing`): no record objects. Stored
+        control messages are checked on the way (a corrupt one is a LedgerError)."""
+        with self._translated("cannot load"):
+            highs: dict[str, list[tuple[int, str, int]]] = {}
+            meters: dict[str, str] = {}
+            sql = "SELECT device, boot, meter, high FROM highs ORDER BY device, boot, meter"
+            async for device, boot, meter, high in _rows(self._w, sql):
+                highs.setdefault(device, []).append((boot, meters.setdefault(meter, meter), high))
+            devices: dict[str, bytes] = {}
+            async for row in _rows(self._w, f"SELECT {_DEVICE_COLUMNS} FROM devices"):
+                if row[9] is not None:
+                    ControlMessage(row[0], *row[9:15])  # raises InvalidMessage if corrupt
+                devices[row[0]] = pack_device_row(row[1:], highs.pop(row[0], ()))
+            ids = {device_id: device_id for device_id in devices}  # one string per id
+            pools = {
+                ids.get(key, key): state
+                async for key, state in _rows(self._w, "SELECT key, state FROM pools")
+            }
+        return PackedSnapshot(devices, pools)
 
     async def commit(self, write: LedgerWrite) -> None:
         """One transaction, run as one call on the writer's thread (see :func:`_write`)."""

@@ -16,10 +16,10 @@ raises :class:`~gateway.errors.InvalidMessage`, a caller bug).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
@@ -130,6 +130,20 @@ class ControlMessage:
             raise InvalidMessage(Reason.OUT_OF_RANGE, f"s={self.state!r} r={self.rate_permille!r}")
         if not isinstance(self.why, str) or len(self.why) > 64:
             raise InvalidMessage(Reason.WRONG_TYPE, "why")
+
+
+def checked_control(values: Sequence[Any]) -> ControlMessage:
+    """A :class:`ControlMessage` from field values checked before (a record this gateway
+    built and packed), built without checking them again: a fifth of the cost."""
+    message = object.__new__(ControlMessage)
+    for name, value in zip(_CONTROL_FIELDS, values, strict=True):
+        object.__setattr__(message, name, value)
+    return message
+
+
+_CONTROL_FIELDS = (
+    "device", "seq", "time_ms", "state", "rate_permille", "balance", "why", "version",
+)  # fmt: skip
 
 
 def _rate_fits(state: str, rate: object) -> bool:
