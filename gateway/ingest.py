@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -77,6 +77,14 @@ class Rejected:
     rejection: Rejection
 
 
+class Loaded(NamedTuple):
+    """What :meth:`Registry.load` found: devices not revoked, and the devices whose last
+    control message the broker never confirmed."""
+
+    active: int
+    unconfirmed: list[str]
+
+
 class Registry:
     """The gateway's in-memory view of committed state, read by both steps.
 
@@ -98,18 +106,23 @@ class Registry:
     def _unpack_pool(self, key: str, data: bytes) -> Pool:
         return unpack_pool(key, data, self._names)
 
-    def load(self, devices: dict[str, bytes], pools: dict[str, bytes]) -> None:
+    def load(self, devices: dict[str, bytes], pools: dict[str, bytes]) -> Loaded:
         """Take packed records (:mod:`gateway.packing`) as the whole committed state."""
         self.devices.load(devices)
         self.pools.load(pools)
         self.members = {}
+        active, unconfirmed = 0, []
         for device_id, summary in self.summaries():
             if summary.pool != device_id:
                 self.members.setdefault(summary.pool, set()).add(device_id)
+            if summary.control_unconfirmed:
+                unconfirmed.append(device_id)
+            active += not summary.revoked
         self._due = {}
         for key, data in pools.items():
             if (due := pool_due_ms(data)) is not None:
                 self._due[key] = due
+        return Loaded(active, unconfirmed)
 
     def summary(self, device_id: str) -> DeviceSummary | None:
         """The device's :class:`~gateway.packing.DeviceSummary` (None: no such device);

@@ -120,6 +120,7 @@ class MeteringService:
         self._dirty: set[str] = set()
         self._republish: set[str] = set()
         self._pending_controls: dict[int, tuple[str, int]] = {}
+        self._unconfirmed: list[str] = []  # loaded devices with an unconfirmed control
         self._announced_unpriced: set[tuple[str, str]] = set()
         self._floods = FloodMonitor(flood_limit)
         self._rejected_events = (0, 0)  # (second, rejected events published in it)
@@ -143,10 +144,10 @@ class MeteringService:
     async def load(self) -> None:
         """Rebuild the in-memory registry from the ledger (packed: no record is built)."""
         snapshot = await self.ledger.load_packed()
-        self.registry.load(snapshot.devices, snapshot.pools)
+        loaded = self.registry.load(snapshot.devices, snapshot.pools)
         self._dirty.update(self.registry.devices)
-        active = sum(not summary.revoked for _, summary in self.registry.summaries())
-        self.metrics.devices.set(active)
+        self._unconfirmed = loaded.unconfirmed
+        self.metrics.devices.set(loaded.active)
 
     def attach(self, mqtt: Publisher, receiver: Intake) -> None:
         """Connect the service to MQTT: ``mqtt`` publishes, ``receiver`` acknowledges the
@@ -156,11 +157,11 @@ class MeteringService:
         them.
         """
         self._mqtt, self._receiver = mqtt, receiver
-        for device_id, summary in self.registry.summaries():
-            if summary.control_unconfirmed:
-                control = self.registry.devices[device_id].control
-                assert control is not None
-                self._publish_control(control)
+        for device_id in self._unconfirmed:
+            device = self.registry.devices[device_id]
+            if device.control is not None and device.control.seq > device.control_sent:
+                self._publish_control(device.control)
+        self._unconfirmed = []
         self.reconnected()
 
     def reconnected(self) -> None:

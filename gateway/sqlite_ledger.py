@@ -43,7 +43,7 @@ from gateway.ledger import (
 )
 from gateway.packing import DEVICE_FIELDS, device_row, pack_device_row, pack_pool
 from gateway.statement import Evidence
-from gateway.wire import ControlMessage
+from gateway.wire import check_control_fields
 
 SCHEMA_VERSION = 2
 
@@ -281,8 +281,8 @@ class SqliteLedger:
                 highs.setdefault(device, []).append((boot, meters.setdefault(meter, meter), high))
             devices: dict[str, bytes] = {}
             async for row in _rows(self._w, f"SELECT {_DEVICE_COLUMNS} FROM devices"):
-                if row[9] is not None:
-                    ControlMessage(row[0], *row[9:15])  # raises InvalidMessage if corrupt
+                if row[9] is not None:  # ids are checked when provisioned
+                    check_control_fields(*row[9:15])  # raises InvalidMessage if corrupt
                 devices[row[0]] = pack_device_row(row[1:], highs.pop(row[0], ()))
             ids = {device_id: device_id for device_id in devices}  # one string per id
             pools = {
