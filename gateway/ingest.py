@@ -46,6 +46,7 @@ from gateway.packing import (
     DeviceSummary,
     pack_device,
     pack_pool,
+    packed_public_key,
     pool_due_ms,
     summarize,
     summarize_device,
@@ -128,6 +129,10 @@ class Registry:
         """The device's :class:`~gateway.packing.DeviceSummary` (None: no such device);
         the one read that is safe on worker threads."""
         return self.devices.peek(device_id, summarize_device, summarize)
+
+    def public_keys(self) -> Iterator[tuple[str, bytes]]:
+        """Every device's id and public key, unpacking none."""
+        return self.devices.each(packed_public_key, lambda device: device.public_key)
 
     def summaries(self) -> Iterator[tuple[str, DeviceSummary]]:
         """Every device's id and :class:`~gateway.packing.DeviceSummary`, unpacking none."""

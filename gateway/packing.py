@@ -117,6 +117,18 @@ def summarize_device(data: bytes) -> DeviceSummary:
     return DeviceSummary(fields[0], fields[1], fields[2], bool(fields[6]), unconfirmed)
 
 
+_KEY_AT = b"\xdc\x00\x12\xc4\x20"  # a list of 18 (array 16), then 32 bytes (bin 8)
+
+
+def packed_public_key(data: bytes) -> bytes:
+    """The public key of a packed device, sliced from where it always is (the first
+    field, 32 bytes): a start-up hands 100,000 of them to the receiver."""
+    if data.startswith(_KEY_AT):
+        return data[5:37]
+    key: bytes = msgpack.unpackb(data)[0]  # not where expected: read it the long way
+    return key
+
+
 def summarize(device: Device) -> DeviceSummary:
     """The :class:`DeviceSummary` of a device record."""
     control = device.control

@@ -674,8 +674,7 @@ class MeteringService:
 
     def public_keys(self) -> Iterator[tuple[str, bytes]]:
         """Every device's id and public key (revoked devices' too)."""
-        for device_id, summary in self.registry.summaries():
-            yield device_id, summary.public_key
+        yield from self.registry.public_keys()
 
     def devices(self) -> list[Device]:
         return sorted(self.registry.devices.values(), key=lambda d: d.id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from gateway.metering import Device
 from gateway.packing import (
     pack_device,
     pack_pool,
+    packed_public_key,
     pool_due_ms,
     summarize,
     summarize_device,
@@ -94,6 +96,7 @@ def test_a_device_comes_back_whole(device: Device) -> None:
     data = pack_device(device)
     assert unpack_device(device.id, data, {}) == device
     assert summarize_device(data) == summarize(device)
+    assert packed_public_key(data) == device.public_key
 
 
 @given(pools())
@@ -101,6 +104,11 @@ def test_a_pool_comes_back_whole(pool: Pool) -> None:
     data = pack_pool(pool)
     assert unpack_pool(pool.key, data, {}) == pool
     assert pool_due_ms(data) == next_due_ms(pool)
+
+
+def test_a_public_key_is_read_the_long_way_when_not_where_expected() -> None:
+    odd = msgpack.packb([bytes(range(32)), "acme"])  # a shorter list: no array-16 header
+    assert packed_public_key(odd) == bytes(range(32))
 
 
 def test_a_pool_kept_under_another_key_is_refused() -> None:
