@@ -12,6 +12,7 @@ costs nothing. A record written is packed when it leaves them (or never, while i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from itertools import islice
 from typing import TypeVar
@@ -42,10 +43,12 @@ class Records(MutableMapping[str, V]):
         self._packed: dict[str, bytes] = {}  # every record not changed since it was packed
         self._hot: dict[str, V] = {}  # the recently used, oldest first
         self._size = 0
+        self._moving = threading.Lock()  # held while a record moves between the two dicts
 
     def load(self, packed: dict[str, bytes]) -> None:
         """Take ``packed`` (key -> packed record) as the whole content."""
-        self._packed, self._hot, self._size = packed, {}, len(packed)
+        with self._moving:
+            self._packed, self._hot, self._size = packed, {}, len(packed)
 
     def __getitem__(self, key: str) -> V:
         value = self._hot.get(key)
@@ -58,23 +61,26 @@ class Records(MutableMapping[str, V]):
     def __setitem__(self, key: str, value: V) -> None:
         if key not in self._hot and key not in self._packed:
             self._size += 1
-        self._hot[key] = value  # first: a reader on another thread always finds the key
-        self._packed.pop(key, None)  # changed: packed again when it leaves the hot ones
+        with self._moving:
+            self._hot[key] = value
+            self._packed.pop(key, None)  # changed: packed again when it leaves the hot ones
         self._trim()
 
     def peek(self, key: str, packed: Callable[[bytes], R], unpacked: Callable[[V], R]) -> R | None:
         """A summary of the record ``key`` (None if there is none) that changes nothing:
-        safe on other threads while this one writes (a record is always in one of the
-        two dicts: it enters the second before it leaves the first)."""
-        value = self._hot.get(key)
+        safe on other threads while this one writes (a record moving between the packed
+        and the unpacked ones moves under a lock, so a reader never misses it)."""
+        with self._moving:
+            value = self._hot.get(key)
+            data = None if value is not None else self._packed.get(key)
         if value is not None:
             return unpacked(value)
-        data = self._packed.get(key)
         return None if data is None else packed(data)
 
     def __delitem__(self, key: str) -> None:
-        found = self._hot.pop(key, None) is not None
-        found = self._packed.pop(key, None) is not None or found
+        with self._moving:
+            found = self._hot.pop(key, None) is not None
+            found = self._packed.pop(key, None) is not None or found
         if not found:
             raise KeyError(key)
         self._size -= 1
@@ -95,11 +101,13 @@ class Records(MutableMapping[str, V]):
     ) -> Iterator[tuple[str, R]]:
         """``(key, summary)`` of every record, without unpacking any: ``packed(data)`` of a
         packed record, ``unpacked(record)`` of one changed since it was packed."""
-        for key, data in list(self._packed.items()):
+        with self._moving:  # both at once: none missed, whatever moves meanwhile
+            kept = list(self._packed.items())
+            changed = [(key, v) for key, v in self._hot.items() if key not in self._packed]
+        for key, data in kept:
             yield key, packed(data)
-        for key, value in list(self._hot.items()):
-            if key not in self._packed:
-                yield key, unpacked(value)
+        for key, value in changed:
+            yield key, unpacked(value)
 
     def _trim(self) -> None:
         """Over the limit, pack the oldest quarter of the unpacked records away."""
@@ -107,7 +115,9 @@ class Records(MutableMapping[str, V]):
         if len(hot) <= self._hot_limit:
             return
         packed = self._packed
-        for key in list(islice(hot, max(1, self._hot_limit // 4))):
-            if key not in packed:
-                packed[key] = self._pack(hot[key])
-            del hot[key]
+        leaving = list(islice(hot, max(1, self._hot_limit // 4)))
+        repacked = {key: self._pack(hot[key]) for key in leaving if key not in packed}
+        with self._moving:
+            packed.update(repacked)
+            for key in leaving:
+                del hot[key]

@@ -4,6 +4,9 @@ again never packs it; peek and each change nothing."""
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -149,3 +152,34 @@ def test_iteration_runs_over_the_keys_as_they_were_when_it_began(
         recs[key] = (key, -1)
         recs["extra"] = ("extra", 0)
     assert sorted(seen) == sorted({k for k, _ in writes})
+
+
+def test_a_reader_on_another_thread_never_misses_a_record_that_is_moving() -> None:
+    """Verification threads peek while the event loop writes: a record moves between the
+    packed and the unpacked ones all the time here, and must be found every time."""
+    recs, _ = records(limit=4)
+    keys = [f"d{i}" for i in range(50)]
+    recs.load({key: msgpack.packb(0) for key in keys})
+    done = threading.Event()
+    misses: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set():
+            for key in keys:
+                if recs.peek(key, msgpack.unpackb, lambda r: r[1]) is None:
+                    misses.append(key)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between almost any two bytecodes
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for step in range(20_000):
+            key = keys[step % len(keys)]
+            recs[key] = (key, step)
+            _ = recs[keys[(step * 7) % len(keys)]]
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert misses == []  # without the lock in Records, some are missed every run
