@@ -365,9 +365,12 @@ def is_due(pool: Pool, now_ms: int) -> bool:
 
 def next_due_ms(pool: Pool) -> int | None:
     """The earliest period boundary or grant expiry of ``pool`` (None: neither)."""
-    times = [g.expires_ms for g in pool.grants if g.expires_ms is not None]
-    if pool.period_end_ms is not None:
-        times.append(pool.period_end_ms)
+    return earliest_due_ms(pool.period_end_ms, (g.expires_ms for g in pool.grants))
+
+
+def earliest_due_ms(period_end_ms: int | None, expiries: Iterable[int | None]) -> int | None:
+    """The earliest of a period's end and grant expiries, None standing for "never"."""
+    times = [t for t in (period_end_ms, *expiries) if t is not None]
     return min(times, default=None)
 
 

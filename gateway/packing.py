@@ -35,6 +35,7 @@ from gateway.economics import (
     Policy,
     Pool,
     TopUpRule,
+    earliest_due_ms,
 )
 from gateway.metering import Device
 from gateway.wire import PROTOCOL_VERSION, checked_control
@@ -183,10 +184,7 @@ def pool_due_ms(data: bytes) -> int | None:
     """When a packed pool next has a period boundary or a grant expiry (see
     :func:`~gateway.economics.next_due_ms`), read without building it."""
     fields = msgpack.unpackb(data)
-    times = [g[5] for g in fields[12] if g[5] is not None]
-    if fields[6] is not None:
-        times.append(fields[6])
-    return min(times, default=None)
+    return earliest_due_ms(fields[6], (grant[5] for grant in fields[12]))
 
 
 def _shared(names: dict[str, str], value: Any) -> Any:

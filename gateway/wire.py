@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
@@ -129,6 +130,9 @@ class ControlMessage:
         )
 
 
+_CONTROL_FIELDS = tuple(f.name for f in dataclass_fields(ControlMessage))
+
+
 def check_control_fields(
     seq: object, time_ms: object, state: object, rate: object, balance: object, why: object
 ) -> None:
@@ -150,11 +154,6 @@ def checked_control(values: Sequence[Any]) -> ControlMessage:
     for name, value in zip(_CONTROL_FIELDS, values, strict=True):
         object.__setattr__(message, name, value)
     return message
-
-
-_CONTROL_FIELDS = (
-    "device", "seq", "time_ms", "state", "rate_permille", "balance", "why", "version",
-)  # fmt: skip
 
 
 def _rate_fits(state: object, rate: object) -> bool:
