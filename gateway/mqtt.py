@@ -1,11 +1,14 @@
 """The one place paho-mqtt is used: a thin asyncio-facing MQTT client.
 
-paho runs its network loop in its own thread. It crosses into asyncio at exactly one
-point: its callbacks only hand values to the event loop with ``call_soon_threadsafe``,
-batched by :class:`_Handoff` (aiosqlite's ``core.py`` does the same for its worker
-thread). Nothing else here touches
-asyncio objects from paho's thread. ``publish`` and ``ack`` are safe to call from the
-event loop: paho appends to a thread-safe deque and wakes its loop through a socket pair.
+paho is driven by the asyncio event loop, not by a thread of its own (aiomqtt does the
+same): its socket is registered with the loop (``add_reader``; ``add_writer`` while paho
+has packets to write), ``loop_read`` / ``loop_write`` run when the socket is ready and
+``loop_misc`` once a second for the keep-alive. So every callback runs on the loop,
+publishing and acknowledging just queue packets that go out together at the next turn of
+the loop, and nothing crosses threads per message: a paho thread cost twice the CPU a
+publication (a self-pipe write to wake it, a lock and ``call_soon_threadsafe`` back,
+docs/performance.md). The one blocking step, opening the TCP (and TLS) connection, runs
+on a worker thread; the socket callbacks it triggers are handed to the loop.
 
 MQTT 3.1.1 is used: paho receives noticeably faster over it than over MQTT 5, and all the
 contract needs (QoS 1, retain, persistent sessions) is in 3.1.1. Subscriptions are
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -29,7 +33,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.errors import BrokerError, ConfigError
 
-T = TypeVar("T")
+log = logging.getLogger("tokenwell.mqtt")
+KEEPALIVE = 30  # seconds
+MISC_INTERVAL = 1.0  # seconds between paho's keep-alive checks (``loop_misc``)
+RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0)  # after a lost connection or a failed attempt
+READS_PER_TURN = 64  # ``loop_read`` calls in one turn of the loop at most
+DISCONNECT_TIMEOUT = 2.0  # seconds for the DISCONNECT to be written
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,43 +99,19 @@ def _no_delay(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Handoff(Generic[T]):
-    """Hands items from paho's thread to the event loop in batches.
-
-    One ``call_soon_threadsafe`` (one self-pipe write, one loop wake-up) per batch rather
-    than per message: under load, many messages arrive between two turns of the loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[T]], None]) -> None:
-        self._loop = loop
-        self._deliver = deliver
-        self._items: list[T] = []
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def put(self, item: T) -> None:
-        """Called on paho's thread."""
-        with self._lock:
-            self._items.append(item)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-            self._scheduled = False
-        self._deliver(items)
-
-
 class MqttClient:
     """An MQTT connection delivering messages into an asyncio queue.
 
     ``persistent=True`` keeps the broker session (clean session off) under ``client_id``,
     so QoS 1 messages published while we are away are queued for us. ``manual_ack=True``
     withholds each PUBACK until :meth:`ack` is called: the broker redelivers anything not
-    acknowledged when the session reconnects.
+    acknowledged when the session reconnects. With ``max_unacknowledged``, reading stops
+    while that many received messages are unacknowledged (TCP then pushes back on the
+    broker) and resumes as acknowledgements come.
+
+    Every method, and every callback given, runs on the event loop that created it. A lost
+    connection is made again in the background (after 1, 2, 4, then every 8 seconds),
+    with the same subscriptions.
     """
 
     def __init__(
@@ -144,19 +129,24 @@ class MqttClient:
     ) -> None:
         self._url = url
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._inbox = inbox
-        self._received: _Handoff[Incoming] = _Handoff(self._loop, self._enqueue)
-        self._acknowledged: _Handoff[int] = _Handoff(self._loop, self._confirmed)
         self._on_connect_hook = on_connect
         self._on_published_hook = on_published
         self._subscriptions: dict[str, int] = {}
         self._session = 0
-        self._flow = threading.Condition()
         self._unacknowledged = 0  # received with manual_ack, not yet acknowledged
         self._max_unacknowledged = max_unacknowledged
         self._unconfirmed: set[int] = set()
         self._all_confirmed = asyncio.Event()
         self._all_confirmed.set()
+        self._socket: Any = None  # the socket registered with the loop, if any
+        self._reading = False  # its reader is registered
+        self._progress = False  # a packet was handled by the last loop_read
+        self._lost = asyncio.Event()  # the socket was closed
+        self._accepted = False  # the broker accepted the connection last opened
+        self._opening: asyncio.Future[Any] | None = None  # the last connection attempt
+        self._keeper: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -169,7 +159,6 @@ class MqttClient:
         # (78 against 37 us of CPU a publish); the fleet-state flush bounds what is in flight.
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)  # 0: unbounded; back-pressure is upstream
-        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
         if url.username:
             self._client.username_pw_set(url.username, url.password)
         if url.tls:
@@ -178,74 +167,171 @@ class MqttClient:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_socket_open = self._socket_opened
+        self._client.on_socket_close = self._socket_closed
+        self._client.on_socket_register_write = self._want_write
+        self._client.on_socket_unregister_write = self._done_writing
 
-    # --- paho thread: hand over to the loop, nothing else ----------------------------
+    # --- the socket, registered with the loop ----------------------------------------
+
+    def _on_loop(self, action: Callable[..., None], *args: Any) -> None:
+        """Run ``action`` now if on the loop, else hand it to the loop (a socket callback
+        from the thread that opens the connection)."""
+        if threading.get_ident() == self._loop_thread:
+            action(*args)
+        else:
+            self._loop.call_soon_threadsafe(action, *args)
+
+    def _socket_opened(self, client: Any, userdata: Any, sock: Any) -> None:
+        _no_delay(sock)
+        self._on_loop(self._register, sock)
+
+    def _register(self, sock: Any) -> None:
+        self._socket = sock
+        self._session += 1  # a new connection: message ids of earlier ones mean nothing
+        self._unacknowledged = 0  # the broker re-sends what the last connection left
+        self._lost.clear()
+        self._resume_reading()
+
+    def _socket_closed(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unregister, sock)
+
+    def _unregister(self, sock: Any) -> None:
+        if sock is not self._socket:
+            return
+        self._pause_reading()
+        self._loop.remove_writer(sock)
+        self._socket = None
+        self._lost.set()
+
+    def _want_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        if sock is self._socket:
+            self._loop.add_writer(sock, self._client.loop_write)
+
+    def _done_writing(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: Any) -> None:
+        if sock is self._socket:
+            self._loop.remove_writer(sock)
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._socket)
+            self._reading = False
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._socket is not None:
+            self._loop.add_reader(self._socket, self._readable)
+            self._reading = True
+
+    def _readable(self) -> None:
+        """Read what has arrived: packet after packet while each call handles one (paho
+        reads one packet a call when it has nothing of its own in flight), until the
+        socket is empty or reading is paused. Level-triggered: anything left wakes us
+        again."""
+        read = self._client.loop_read
+        for _ in range(READS_PER_TURN):
+            self._progress = False
+            if read() != paho.MQTT_ERR_SUCCESS or not self._progress or not self._reading:
+                return
+
+    # --- paho's callbacks (on the loop) ----------------------------------------------
 
     def _handle_connect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        self._progress = True
         if reason.is_failure:
+            log.warning("broker %s refused the connection: %s", self._url, reason)
             return
-        _no_delay(client.socket())
-        with self._flow:
-            self._unacknowledged = 0  # the broker re-sends what this connection left
-        self._session += 1  # message ids of earlier connections mean nothing now
+        self._accepted = True
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)
-        self._loop.call_soon_threadsafe(self._set_connected)
-
-    def _handle_disconnect(
-        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        self._loop.call_soon_threadsafe(self.connected.clear)
-
-    def _handle_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
-        if self._inbox is None:
-            return
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:  # brokers refuse these; never let it kill paho's loop
-            topic = ""
-        payload, retain = bytes(message.payload), bool(message.retain)
-        incoming = Incoming(topic, payload, message.mid, message.qos, retain, self._session)
-        self._received.put(incoming)
-        if self._max_unacknowledged is not None:
-            self._hold_back(client)
-
-    def _hold_back(self, client: Any) -> None:
-        """Flow control of our own: with too many messages unacknowledged, stop reading
-        (this is paho's reading thread) until acknowledgements catch up, so TCP pushes back
-        on the broker. The broker's in-flight window should make this rare, but Mosquitto
-        2.0 does not always keep to it."""
-        with self._flow:
-            self._unacknowledged += 1
-            while self._unacknowledged >= (self._max_unacknowledged or 0) and client.is_connected():
-                self._flow.wait(timeout=1.0)
-
-    def _handle_publish(
-        self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
-    ) -> None:
-        self._acknowledged.put(mid)
-
-    # --- event loop side ------------------------------------------------------------
-
-    def _set_connected(self) -> None:
         self.connected.set()
         if self._on_connect_hook is not None:
             self._on_connect_hook()
 
-    def _enqueue(self, messages: list[Incoming]) -> None:
-        assert self._inbox is not None
-        for message in messages:
-            self._inbox.put_nowait(message)
+    def _handle_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self.connected.clear()
 
-    def _confirmed(self, mids: list[int]) -> None:
-        self._unconfirmed.difference_update(mids)
-        if not self._unconfirmed:
+    def _handle_subscribe(self, client: Any, userdata: Any, mid: int, *_: Any) -> None:
+        self._progress = True
+
+    def _handle_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._progress = True
+        if self._inbox is None:
+            return
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # brokers refuse these; never let it break the read
+            topic = ""
+        payload, retain = bytes(message.payload), bool(message.retain)
+        self._inbox.put_nowait(
+            Incoming(topic, payload, message.mid, message.qos, retain, self._session)
+        )
+        if self._max_unacknowledged is not None:
+            # Flow control of our own: the broker's in-flight window should make this
+            # rare, but Mosquitto 2.0 does not always keep to it.
+            self._unacknowledged += 1
+            if self._unacknowledged >= self._max_unacknowledged:
+                self._pause_reading()
+
+    def _handle_publish(
+        self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        self._progress = True
+        unconfirmed = self._unconfirmed
+        unconfirmed.discard(mid)
+        if not unconfirmed:
             self._all_confirmed.set()
         if self._on_published_hook is not None:
-            for mid in mids:
-                self._on_published_hook(mid)
+            self._on_published_hook(mid)
+
+    # --- keeping the connection ------------------------------------------------------
+
+    async def _keep_connected(self) -> None:
+        """Open the connection, run the keep-alive while it lasts, open it again after a
+        delay when it is lost or cannot be made, until :meth:`disconnect`."""
+        failures = 0
+        while True:
+            if await self._open():
+                await self._while_open()
+                failures = 0 if self._accepted else failures
+            delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+            failures += 1
+            await asyncio.sleep(delay)
+
+    async def _open(self) -> bool:
+        """Open a connection (TCP, TLS, then CONNECT queued) on a worker thread: the only
+        blocking step. False, logged, when it cannot be made."""
+        self._accepted = False
+        self._opening = asyncio.ensure_future(asyncio.to_thread(self._client.reconnect))
+        try:
+            # Shielded: cancelled by disconnect(), which then waits for the attempt.
+            await asyncio.shield(self._opening)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot connect to %s: %s", self._url, exc)
+            return False
+        return True
+
+    async def _while_open(self) -> None:
+        """Until the socket closes: paho's keep-alive every
+        second (a PINGREQ when due; a connection silent for too long is closed)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), MISC_INTERVAL)
+            if self._lost.is_set():
+                return
+            self._client.loop_misc()
+
+    # --- the interface ---------------------------------------------------------------
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again on every reconnect."""
@@ -259,10 +345,10 @@ class MqttClient:
         Raises :class:`BrokerError` when no connection is made within ``timeout`` seconds.
         """
         try:
-            self._client.connect_async(self._url.host, self._url.port, keepalive=30)
+            self._client.connect_async(self._url.host, self._url.port, keepalive=KEEPALIVE)
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self._url}: {exc}") from None
-        self._client.loop_start()
+        self._keeper = asyncio.create_task(self._keep_connected(), name=f"mqtt {self._url}")
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
         except TimeoutError:
@@ -307,18 +393,32 @@ class MqttClient:
         if qos > 0:
             self._client.ack(mid, qos)
         if self._max_unacknowledged is not None:
-            with self._flow:
-                self._unacknowledged -= 1
-                self._flow.notify()
+            self._unacknowledged -= 1
+            if self._unacknowledged < self._max_unacknowledged:
+                self._resume_reading()
 
     async def disconnect(self, flush_timeout: float = 5.0) -> None:
-        """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT.
+        """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT, after
+        whatever was queued before it (acknowledgements included), and stop reconnecting.
 
         paho drops what it has not written yet when it disconnects, so without the wait
         QoS 1 messages published just before would be lost.
         """
         if self.connected.is_set():
             await self.flush(flush_timeout)
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        if self._opening is not None:  # an attempt in progress: its socket is closed below
+            with contextlib.suppress(Exception):
+                await self._opening
+        sock = self._socket
+        if sock is not None:
+            self._client.disconnect()  # paho closes the socket once DISCONNECT is written
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), DISCONNECT_TIMEOUT)
+            if self._socket is sock:  # the broker stopped reading: close it anyway
+                self._unregister(sock)
+                sock.close()
         self.connected.clear()

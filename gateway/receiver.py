@@ -72,9 +72,10 @@ STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
 STABLE_SECONDS = 30.0  # receivers dying sooner after starting are replaced ever more slowly
 # The GIL's switch interval here. A verifying thread wants the GIL back after each
-# signature (about 100 us of C), and waits up to this long behind paho's reading thread.
-# Measured (bench drain, two rounds each): 0.1 ms 5,207-6,032/s at 308-324 us of CPU a
-# report (switching costs), 1 ms 5,999-6,578/s at 258-276 us, 5 ms (Python's) 5,704-5,972/s.
+# signature (about 100 us of C), and waits up to this long behind the event loop
+# (paho's reading). Measured with paho still on a thread of its own (bench drain, two
+# rounds each): 0.1 ms 5,207-6,032/s at 308-324 us of CPU a report (switching costs),
+# 1 ms 5,999-6,578/s at 258-276 us, 5 ms (Python's) 5,704-5,972/s.
 SWITCH_INTERVAL = 0.001
 
 
