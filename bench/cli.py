@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reports", type=int, default=20_000, help="reports in the backlog (default 20000)")
     add("--memory-devices", type=int, default=100_000, help="devices for memory and start-up")
     add("--latency-seconds", type=float, default=10.0, help="length of the steady load")
+    add(
+        "--latency-rate", type=float,
+        help="offered load of the latency phase, reports/s (default: half the drain rate); "
+        "a fixed rate compares runs of different drain rates",
+    )  # fmt: skip
     add("--rounds", type=int, default=3, help="rounds of floors and drain (best kept)")
     add("--skip-memory", action="store_true", help="leave out the memory and start-up phase")
     add("--profile", type=Path, help="also drain under py-spy, raw profile to this file")
@@ -52,6 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         vars(args).update(QUICK)
     if min(args.devices, args.reports, args.memory_devices, args.rounds) < 1:
         build_parser().error("sizes and rounds must be at least 1")
+    if args.latency_rate is not None and args.latency_rate <= 0:
+        build_parser().error("--latency-rate must be positive")
     return args
 
 
@@ -135,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with start_broker(home / "broker") as broker:
             rig = Rig(broker.url, home, find_process(str(broker.data_dir / "mosquitto.conf")))
             session.floors(rig, verified)
-            session.latency(rig, session.drain(rig) / 2)
+            drained = session.drain(rig)
+            session.latency(rig, args.latency_rate or drained / 2)
             session.memory(rig)
     return {
         "benchmark": "tokenwell",

@@ -184,7 +184,7 @@ ROWS = (
     Row("  receiver process", "drain_receiver_cores", "{:.2f}"),
     Row("time spent committing", "drain_commit_share", "{:.0%}"),
     Row("broker CPU per report", "drain_broker_cpu_us_per_report", "{:.0f} us"),
-    Row("offered load (half the drain)", "latency_achieved_per_s", "{:,.0f} /s"),
+    Row("offered load (latency phase)", "latency_achieved_per_s", "{:,.0f} /s"),
     Row("report -> control, p50", "latency_p50_ms", "{:.1f} ms"),
     Row("report -> control, p99", "latency_p99_ms", "{:.1f} ms", "< 50 ms", ("<", 50)),
     Row("report -> control, max", "latency_max_ms", "{:.1f} ms"),

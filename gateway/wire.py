@@ -273,7 +273,8 @@ def _strict_list(items: list[object]) -> list[object]:
 
 def _refuse_timestamps(values: Iterable[object]) -> None:
     # msgpack decodes extension type -1 (timestamp) itself, without calling ext_hook.
-    if any(type(value) is msgpack.Timestamp for value in values):
+    # (``in`` over ``map(type, ...)`` runs in C: a generator cost 1 us a report here.)
+    if msgpack.Timestamp in map(type, values):
         raise InvalidMessage(Reason.MALFORMED, "msgpack extension type -1")
 
 
