@@ -165,9 +165,11 @@ def decide_level(device: Device, pool: Pool, ladder: Sequence[ThrottleStep]) -> 
     pool's policy) and its own cap. Revoked devices are blocked."""
     if device.revoked:
         return Level("block", 0, "revoked")
-    own = limit_level(cap_limit(device.cap, used_now(device, pool)), ladder)
     shared = limit_level(pool_limit(pool), ladder)
-    return min(shared, own, key=lambda level: level.rate_permille)
+    if device.cap is None:  # most devices: no cap, nothing more to weigh (twice a report)
+        return shared
+    own = limit_level(cap_limit(device.cap, used_now(device, pool)), ladder)
+    return own if own.rate_permille < shared.rate_permille else shared  # ties: the pool's
 
 
 def next_control(

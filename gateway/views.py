@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,8 +19,15 @@ def rfc3339(ms: int | None) -> str | None:
     """``ms`` since the Unix epoch as RFC 3339 UTC with milliseconds (``...Z``); None stays None."""
     if ms is None:
         return None
-    moment = _EPOCH + dt.timedelta(milliseconds=ms)  # integer arithmetic: no float rounding
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(ms, 1000)  # integer arithmetic: no float rounding
+    return f"{_rfc3339_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc3339_second(seconds: int) -> str:
+    """``2026-11-28T10:00:00``: the fleet state formats the same few seconds again and
+    again (twice a device state, thousands a second), so they are kept."""
+    return (_EPOCH + dt.timedelta(seconds=seconds)).isoformat(timespec="seconds")[:-6]
 
 
 def device_state(device: Device, pool: Pool) -> dict[str, Any]:
