@@ -40,7 +40,7 @@ from gateway.metering import (
     debit,
     limit_level,
     next_control,
-    raise_highs,
+    raised_highs,
 )
 from gateway.packing import (
     DeviceSummary,
@@ -486,8 +486,8 @@ def _charge_one(
                 line.to_units, line.tokens, at_ms, now_ms, pool.key, line_overage,
             )
         )  # fmt: skip
-    raised = raise_highs(device, report.boot, {line.meter: line.to_units for line in outcome.lines})
-    debited = debit(raised, pool, outcome.tokens, now_ms)
+    raised = {line.meter: line.to_units for line in outcome.lines}
+    debited = debit(device, pool, outcome.tokens, now_ms, raised_highs(device, report.boot, raised))
     result.devices[device.id] = _with_control(debited, pool, pricing, now_ms, result)
     return at_ms
 

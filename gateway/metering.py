@@ -114,9 +114,16 @@ def device_balance(device: Device, pool: Pool) -> int:
 
 def raise_highs(device: Device, boot: int, updates: Mapping[str, int]) -> Device:
     """``device`` with ``H`` of epoch ``boot`` set to ``updates`` (meter -> new high)."""
+    return evolve(device, highs=raised_highs(device, boot, updates))
+
+
+def raised_highs(
+    device: Device, boot: int, updates: Mapping[str, int]
+) -> tuple[tuple[int, str, int], ...]:
+    """``device.highs`` with ``H`` of epoch ``boot`` set to ``updates``."""
     kept = [h for h in device.highs if h[0] != boot or h[1] not in updates]
     added = [(boot, sys.intern(meter), high) for meter, high in updates.items()]
-    return evolve(device, highs=tuple(sorted(kept + added)))
+    return tuple(sorted(kept + added))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,15 +206,23 @@ def next_control(
     )  # fmt: skip
 
 
-def debit(device: Device, pool: Pool, tokens: int, now_ms: int) -> Device:
+def debit(
+    device: Device,
+    pool: Pool,
+    tokens: int,
+    now_ms: int,
+    highs: tuple[tuple[int, str, int], ...] | None = None,
+) -> Device:
     """``device`` after a report debiting ``tokens`` (possibly 0) from ``pool`` (its pool,
-    already advanced to ``now_ms``) was accepted at ``now_ms``."""
+    already advanced to ``now_ms``) was accepted at ``now_ms``; with ``highs``, its new
+    ``H`` too (one copy of the record rather than two: this runs for every report)."""
     return evolve(
         device,
         used=used_now(device, pool) + tokens,
         period_ms=pool.period_start_ms,
         last_report_ms=now_ms,
         updated_ms=now_ms,
+        highs=device.highs if highs is None else highs,
     )
 
 
