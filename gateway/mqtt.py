@@ -228,17 +228,32 @@ class MqttClient:
         if not self._reading and self._socket is not None:
             self._loop.add_reader(self._socket, self._readable)
             self._reading = True
+            self._read_pending()
 
     def _readable(self) -> None:
         """Read what has arrived: packet after packet while each call handles one (paho
         reads one packet a call when it has nothing of its own in flight), until the
-        socket is empty or reading is paused. Level-triggered: anything left wakes us
-        again."""
+        socket is empty or reading is paused. The socket's readiness is level-triggered:
+        what is left after READS_PER_TURN wakes us again, except for what TLS has already
+        decrypted (:meth:`_read_pending`)."""
         read = self._client.loop_read
         for _ in range(READS_PER_TURN):
-            self._progress = False
-            if read() != paho.MQTT_ERR_SUCCESS or not self._progress or not self._reading:
+            if not self._reading:  # paused (flow control) or closed meanwhile
                 return
+            self._progress = False
+            if read() != paho.MQTT_ERR_SUCCESS:
+                return
+            if not self._progress:  # nothing more (a read found the socket, TLS too, empty)
+                return
+        self._read_pending()
+
+    def _read_pending(self) -> None:
+        """Read again soon if a TLS socket holds decrypted bytes: they are no longer in the
+        kernel, so the loop would never report the socket readable for them (paho's own
+        loop checks ``pending()`` the same way)."""
+        pending = getattr(self._socket, "pending", None)
+        if self._reading and pending is not None and pending() > 0:
+            self._loop.call_soon(self._readable)
 
     # --- paho's callbacks (on the loop) ----------------------------------------------
 

@@ -4,16 +4,25 @@ loop, its flow control, reconnecting, and what it leaves behind when it stops.""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import select
+import ssl
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.errors import BrokerError
-from gateway.mqtt import BrokerUrl, Incoming, MqttClient
+from gateway.mqtt import READS_PER_TURN, BrokerUrl, Incoming, MqttClient
 from tests.helpers import Listener, free_port, unique_prefix
 
 TIMEOUT = 10.0
+LOCALHOST = ip_address("127.0.0.1")
 
 
 def _other_tasks() -> set[asyncio.Task[Any]]:
@@ -115,3 +124,93 @@ async def test_disconnect_during_a_connection_attempt_closes_what_it_opened(
     assert client._client.socket() is None
     assert client._socket is None
     assert not _other_tasks()
+
+
+# --- TLS: bytes already decrypted ---------------------------------------------------------
+#
+# The project's broker has no TLS listener, so this peer speaks just enough MQTT over a
+# real TLS socket: CONNACK, then one burst of many QoS 0 PUBLISH packets that TLS
+# decrypts at once, more than the client reads in one turn of the loop. What it has not
+# read yet is then in the TLS socket, not in the kernel: epoll never reports it.
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _remaining_length(size: int) -> bytes:
+    out = bytearray()
+    while True:
+        size, digit = divmod(size, 128)
+        out.append(digit | (0x80 if size else 0))
+        if not size:
+            return bytes(out)
+
+
+def _publish_qos0(topic: str, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
+    return b"\x30" + _remaining_length(len(body)) + body
+
+
+async def test_over_tls_what_tls_has_decrypted_is_read_without_a_new_wake_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    count = 3 * READS_PER_TURN
+    burst = b"".join(_publish_qos0("tls/t", b"%d" % i) for i in range(count))
+    assert len(burst) < 16_000  # one TLS record: decrypted all at once
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)  # CONNECT
+        length, shift = 0, 0
+        while (byte := (await reader.readexactly(1))[0]) & 0x80:
+            length, shift = length | (byte & 0x7F) << shift, shift + 7
+        await reader.readexactly(length | byte << shift)
+        writer.write(b"\x20\x02\x00\x00" + burst)  # CONNACK, accepted; then the burst
+        await writer.drain()
+        await reader.read()  # until the client disconnects
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    client_tls = ssl.create_default_context(cafile=cert)  # trusts the peer's certificate
+    monkeypatch.setattr(ssl, "create_default_context", lambda: client_tls)
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    client = MqttClient(BrokerUrl.parse(f"mqtts://127.0.0.1:{port}"), "tls", inbox=inbox)
+    try:
+        await client.connect()
+        payloads = [(await asyncio.wait_for(inbox.get(), TIMEOUT)).payload for _ in range(count)]
+        assert payloads == [b"%d" % i for i in range(count)]
+    finally:
+        await client.disconnect()
+        server.close()
+        await server.wait_closed()
