@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -96,14 +97,28 @@ class Session:
         """The gateway's drain (best of the rounds), then, if asked, one under py-spy;
         returns the best rate."""
         rounds, devices, backlog = self.args.rounds, self.devices, self.backlog
-        with self.phase("drain", f"gateway drain, best of {rounds}"):
-            drains = [phases.drain(rig, f"drain{i}", devices, backlog) for i in range(rounds)]
+        drains, paired = [], []
+        with self.phase("drain", f"gateway drain, best of {rounds}, each beside its ceiling"):
+            for i in range(rounds):
+                drains.append(phases.drain(rig, f"drain{i}", devices, backlog))
+                paired.append(self.ceiling_now(rig, f"beside{i}"))
         best = max(drains, key=lambda each: each.rate)
         self.details["drain_rates"] = [round(each.rate) for each in drains]
+        ratios = report.paired_ratios([each.rate for each in drains], paired)
+        self.details["paired_ceilings"] = [round(each) for each in paired]
+        self.details["paired_ratios"] = [round(each, 3) for each in ratios]
         self.results |= report.drain_results(best, float(self.results["ceiling_per_s"] or 1))
+        self.results["drain_ratio_paired"] = statistics.median(ratios)
         if self.args.profile:
             self.profile(rig, self.args.profile)
         return best.rate
+
+    def ceiling_now(self, rig: Rig, name: str) -> float:
+        """The ceiling measured again, right after a drain round: one receive floor and
+        one all-cores verification round (the ratio of a drain to a ceiling measured
+        minutes apart mixes two speeds of a machine whose speed drifts)."""
+        received, _ = phases.receive_floor(rig, name, self.backlog)
+        return report.ceiling(received.rate, verify.threaded_rate(self.backlog, self.devices))
 
     def profile(self, rig: Rig, out: Path) -> None:
         """One more drain, sampled by py-spy into ``out``; prints the summaries."""

@@ -107,6 +107,15 @@ def _pooled_rate(pool: Executor, work: Sequence[Check], workers: int, rounds: in
     return _best_rate(len(work), run, rounds)
 
 
+def threaded_rate(reports: Sequence[Signed], devices: Sequence[BenchDevice]) -> float:
+    """One quick all-cores measurement (threads, one round): the verify floor again, for
+    a ceiling measured right beside a drain round (the machine's speed drifts)."""
+    work = checks(reports, devices)
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as threads:
+        return _pooled_rate(threads, work, workers, 1)
+
+
 def gateway_verify_rate(
     reports: Sequence[Signed], devices: Sequence[BenchDevice], rounds: int
 ) -> float:
