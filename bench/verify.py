@@ -1,12 +1,15 @@
 """The verification floor: how fast this machine checks Ed25519 signatures.
 
-The floor is the signature check alone (``Ed25519PublicKey.verify`` over
-``DOMAIN + b"\\x00" + body``), on the very reports the gateway drains, with the envelopes
-decoded and key objects built beforehand. It is measured on one thread, then on all cores
-two ways: ``os.cpu_count()`` threads (``cryptography`` releases the GIL while verifying)
-and as many processes (which also pay for shipping the work to them); the faster of the
-two is the all-cores floor. Each figure is the best of a few rounds: a floor is what the
-machine *can* do.
+The floor is the signature check alone (over ``DOMAIN + b"\\x00" + body``), on the very
+reports the gateway drains, with the envelopes decoded beforehand, with each of the two
+libraries the gateway uses: OpenSSL through ``cryptography`` (``Ed25519PublicKey.verify``,
+key objects built beforehand: the gateway's full check) and libsodium through PyNaCl
+(``crypto_sign_open``: the receiver's strict check, which vouches for almost every report).
+Each is measured on one thread, then on all cores (OpenSSL two ways: ``os.cpu_count()``
+threads, as both libraries release the GIL while verifying, and as many processes, which
+also pay for shipping the work to them; the faster is its all-cores floor). Each figure is
+the best of a few rounds: a floor is what the machine *can* do. The ceiling is computed
+with libsodium's, the verifier on the gateway's path.
 
 For comparison, :func:`gateway_verify_rate` times the gateway's own per-message check
 (``gateway.ingest.verify``: envelope, device lookup, key object, signature, body) on one
@@ -23,6 +26,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.bindings import crypto_sign_open
 
 from bench.mqtt import BenchError
 from bench.workload import BenchDevice, Signed, provisioned
@@ -43,9 +47,12 @@ class VerifyFloor:
     processes: float
     gateway_one_core: float
     workers: int
+    sodium_one_core: float
+    sodium_all_cores: float
 
     @property
     def all_cores(self) -> float:
+        """OpenSSL's floor on all cores."""
         return max(self.threads, self.processes)
 
     @property
@@ -77,8 +84,20 @@ def verify_checks(work: Sequence[Check]) -> int:
     return passed
 
 
+def verify_checks_sodium(work: Sequence[Check]) -> int:
+    """Verify every check with libsodium; returns how many passed."""
+    for raw, signature, data in work:
+        crypto_sign_open(signature + data, raw)  # raises BadSignatureError: a benchmark bug
+    return len(work)
+
+
 def _verify_all(work: Sequence[Check]) -> None:
     if verify_checks(work) != len(work):
+        raise BenchError("a verification went missing")
+
+
+def _verify_all_sodium(work: Sequence[Check]) -> None:
+    if verify_checks_sodium(work) != len(work):
         raise BenchError("a verification went missing")
 
 
@@ -96,24 +115,30 @@ def _best_rate(count: int, run: Callable[[], None], rounds: int) -> float:
     return count / best
 
 
-def _pooled_rate(pool: Executor, work: Sequence[Check], workers: int, rounds: int) -> float:
+def _pooled_rate(
+    pool: Executor,
+    work: Sequence[Check],
+    workers: int,
+    rounds: int,
+    check: Callable[[Sequence[Check]], int] = verify_checks,
+) -> float:
     chunks = _split(work, workers)
-    list(pool.map(verify_checks, _split(work[: workers * 8], workers)))  # warm every worker
+    list(pool.map(check, _split(work[: workers * 8], workers)))  # warm every worker
 
     def run() -> None:
-        if sum(pool.map(verify_checks, chunks)) != len(work):
+        if sum(pool.map(check, chunks)) != len(work):
             raise BenchError("a verification went missing")
 
     return _best_rate(len(work), run, rounds)
 
 
 def threaded_rate(reports: Sequence[Signed], devices: Sequence[BenchDevice]) -> float:
-    """One quick all-cores measurement (threads, one round): the verify floor again, for
-    a ceiling measured right beside a drain round (the machine's speed drifts)."""
+    """One quick all-cores measurement of libsodium's floor (threads, one round), for a
+    ceiling measured right beside a drain round (the machine's speed drifts)."""
     work = checks(reports, devices)
     workers = os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as threads:
-        return _pooled_rate(threads, work, workers, 1)
+        return _pooled_rate(threads, work, workers, 1, verify_checks_sodium)
 
 
 def gateway_verify_rate(
@@ -139,10 +164,12 @@ def measure(
     work = checks(reports, devices)
     workers = os.cpu_count() or 1
     one = _best_rate(len(work), lambda: _verify_all(work), rounds)
+    sodium_one = _best_rate(len(work), lambda: _verify_all_sodium(work), rounds)
     with ThreadPoolExecutor(workers) as threads:
         threaded = _pooled_rate(threads, work, workers, rounds)
+        sodium_all = _pooled_rate(threads, work, workers, rounds, verify_checks_sodium)
     spawn = multiprocessing.get_context("spawn")  # no fork of a threaded process
     with ProcessPoolExecutor(workers, mp_context=spawn) as processes:
         processed = _pooled_rate(processes, work, workers, rounds)
     gateway = gateway_verify_rate(reports, devices, rounds)
-    return VerifyFloor(one, threaded, processed, gateway, workers)
+    return VerifyFloor(one, threaded, processed, gateway, workers, sodium_one, sodium_all)

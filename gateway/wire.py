@@ -25,6 +25,8 @@ from typing import Any, Final, Literal, TypeVar
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import BadSignatureError
 
 from gateway.errors import InvalidMessage, Reason, Rejection
 
@@ -245,6 +247,22 @@ class Envelope:
         try:
             key.verify(self.signature, signed_bytes(domain, self.body))
         except InvalidSignature:
+            return False
+        return True
+
+    def verifies_strictly(self, domain: bytes, public_key: bytes) -> bool:
+        """True when the signature is the raw 32-byte ``public_key``'s over ``domain``, by
+        libsodium's stricter check; never raises.
+
+        libsodium verifies in about 60 % of the time OpenSSL takes (and releases the GIL
+        too), and accepts a subset of what :meth:`verify` accepts: the same equation,
+        plus refusing small-order or non-canonical keys and ``R``. So a True here is a
+        True there; a False must be checked again with :meth:`verify` (an honest device
+        never gets one).
+        """
+        try:
+            crypto_sign_open(self.signature + signed_bytes(domain, self.body), public_key)
+        except (BadSignatureError, ValueError, TypeError):  # a bad signature, a bad key
             return False
         return True
 

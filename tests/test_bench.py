@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASURED = [
     "verify_one_core_per_s", "verify_all_cores_per_s", "verify_threads_per_s",
     "verify_processes_per_s", "gateway_verify_one_core_per_s", "receive_floor_per_s",
-    "ceiling_per_s", "drain_per_s", "drain_ratio", "drain_ratio_paired", "drain_cpu_us_per_report",
+    "ceiling_per_s", "ceiling_openssl_per_s", "verify_sodium_one_core_per_s",
+    "verify_sodium_all_cores_per_s", "drain_per_s", "drain_ratio", "drain_ratio_paired",
+    "drain_cpu_us_per_report",
     "drain_gateway_cores", "drain_startup_s", "drain_batches", "latency_offered_per_s",
     "latency_achieved_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
     "latency_max_ms", "charge_latency_samples", "latency_floor_samples", "latency_floor_p99_ms",
