@@ -26,6 +26,7 @@ from gateway.errors import AdminError, BadRequest, LedgerError
 from gateway.ledger import UsageQuery, UsageRow
 from gateway.service import MAX_TOKENS, MeteringService
 from gateway.views import parse_time, rfc3339
+from gateway.wire import is_usable_public_key
 
 VERSION = "0.1.0"
 
@@ -270,6 +271,11 @@ def _public_key(text: str) -> bytes:
         raise BadRequest("public_key must be hex") from None
     if len(raw) != 32:
         raise BadRequest("public_key must be 32 bytes (64 hex digits)")
+    if not is_usable_public_key(raw):
+        raise BadRequest(
+            "public_key is not a usable Ed25519 key (a small-order or non-canonical point:"
+            " signatures with it would prove nothing)"
+        )
     return raw
 
 

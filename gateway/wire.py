@@ -25,7 +25,7 @@ from typing import Any, Final, Literal, TypeVar
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from nacl.bindings import crypto_sign_open
+from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from gateway.errors import InvalidMessage, Reason, Rejection
@@ -423,6 +423,14 @@ def _require_str(fields: Mapping[str, object], key: str) -> str:
 
 
 # --- keys -------------------------------------------------------------------------------
+
+
+def is_usable_public_key(raw: bytes) -> bool:
+    """True when ``raw`` is a canonical encoding of a point of Ed25519's prime-order
+    subgroup other than the neutral element: what every real key is. Not so for a
+    small-order point, for which a signature that verifies (with OpenSSL) over *any*
+    message is easy to make: such a key would prove nothing (libsodium's check)."""
+    return len(raw) == PUBLIC_KEY_BYTES and bool(crypto_core_ed25519_is_valid_point(raw))
 
 
 def public_key_from_hex(text: str) -> Ed25519PublicKey:

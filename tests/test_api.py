@@ -57,6 +57,9 @@ async def test_provision_show_list_and_conflict(gw: GatewayHandle) -> None:
         ({"id": "bad id!", "public_key": "00" * 32, "tokens": 1}, "id"),
         ({"id": "ok", "public_key": "zz", "tokens": 1}, "public_key"),
         ({"id": "ok", "public_key": "00" * 31, "tokens": 1}, "public_key"),
+        # Well-formed but small-order points: signatures with them prove nothing.
+        ({"id": "ok", "public_key": "01" + "00" * 31, "tokens": 1}, "not a usable Ed25519 key"),
+        ({"id": "ok", "public_key": "00" * 32, "tokens": 1}, "not a usable Ed25519 key"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": -1}, "tokens"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": "10"}, "tokens"),
         ({"id": "ok", "public_key": "00" * 32, "tokens": 1.5}, "tokens"),
