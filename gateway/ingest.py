@@ -244,29 +244,19 @@ class Staged:
 
 
 def verify(
-    device_id: str | None,
-    payload: bytes,
-    registry: Registry,
-    *,
-    vouched_by: bytes | None = None,
-    report: UsageReport | None = None,
+    device_id: str | None, payload: bytes, registry: Registry, *, vouched_by: bytes | None = None
 ) -> UsageReport | Rejected:
     """Check one usage message received on the topic of ``device_id``.
 
     Order: the topic's id, the envelope (size, msgpack, shape), the device (known, not
     revoked), the signature, then the body and its ``d``. Never raises for bad input.
-    ``vouched_by``: the key :func:`vouch` found these very bytes signed with; the
+    ``vouched_by``: the key :func:`vouching_key` found these very bytes signed with; the
     signature is not checked again when that is the device's key (a device's key never
-    changes: ids are never reused). ``report``: the body :func:`vouch` decoded from them;
-    then nothing is decoded again either. The outcome is the same with or without them.
+    changes: ids are never reused).
     """
     topic_id = device_id or ""
     if not is_device_id(device_id):
         return Rejected(topic_id[:64], Rejection(Reason.BAD_DEVICE_ID, "topic id"))
-    if report is not None and report.device == topic_id:
-        summary = registry.summary(topic_id)
-        if summary is not None and not summary.revoked and vouched_by == summary.public_key:
-            return report
     envelope = decode_envelope(payload)
     if isinstance(envelope, Rejection):
         return Rejected(topic_id, envelope)
@@ -281,12 +271,12 @@ def verify(
         key = Ed25519PublicKey.from_public_bytes(device.public_key)
         if not envelope.verify(USAGE_DOMAIN, key):
             return Rejected(topic_id, Rejection(Reason.BAD_SIGNATURE))
-    decoded = decode_usage_body(envelope.body)
-    if isinstance(decoded, Rejection):
-        return Rejected(topic_id, decoded)
-    if decoded.device != topic_id:
-        return Rejected(topic_id, Rejection(Reason.DEVICE_MISMATCH, f"d={decoded.device}"))
-    return decoded
+    report = decode_usage_body(envelope.body)
+    if isinstance(report, Rejection):
+        return Rejected(topic_id, report)
+    if report.device != topic_id:
+        return Rejected(topic_id, Rejection(Reason.DEVICE_MISMATCH, f"d={report.device}"))
+    return report
 
 
 class KeyLookup(Protocol):
@@ -297,32 +287,17 @@ class KeyLookup(Protocol):
 
 def vouching_key(device_id: str | None, payload: bytes, keys: KeyLookup) -> bytes | None:
     """The key found for ``device_id`` in ``keys``, when ``payload`` is an envelope signed
-    with it (see :func:`vouch`)."""
-    return vouch(device_id, payload, keys)[0]
-
-
-def vouch(
-    device_id: str | None, payload: bytes, keys: KeyLookup
-) -> tuple[bytes | None, UsageReport | None]:
-    """The costly part of :func:`verify`, done where the registry is not
-    (gateway.receiver): the key found for ``device_id`` in ``keys`` when ``payload`` is an
-    envelope signed with it, and then its body, when that is a valid usage report of
-    ``device_id``. ``(None, None)`` for anything else, including a device without a key;
-    never raises. The gateway checks in full whatever this did not vouch for.
-    """
+    with it: the costly part of :func:`verify`, done where the registry is not
+    (gateway.receiver). None for anything else, including a device without a key; never
+    raises."""
     key = keys.get(device_id or "")
     if key is None:
-        return None, None
+        return None
     envelope = decode_envelope(payload)
     if isinstance(envelope, Rejection):
-        return None, None
+        return None
     # libsodium's stricter check: what it refuses, the gateway checks again with OpenSSL.
-    if not envelope.verifies_strictly(USAGE_DOMAIN, key):
-        return None, None
-    report = decode_usage_body(envelope.body)
-    if isinstance(report, Rejection) or report.device != device_id:
-        return key, None  # signed, but the gateway words the rejection
-    return key, report
+    return key if envelope.verifies_strictly(USAGE_DOMAIN, key) else None
 
 
 @dataclass(frozen=True, slots=True)

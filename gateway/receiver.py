@@ -11,13 +11,12 @@ receives in a child process, ``python -m gateway.receiver``, with its own GIL:
 
 The receiver owns the subscription and the gateway's persistent session (its client
 id); the gateway publishes on a connection of its own. It also checks each report's
-signature (:func:`gateway.ingest.vouch`, on threads of its own: the C call
+signature (:func:`gateway.ingest.vouching_key`, on threads of its own: the C call
 releases the GIL, and in the gateway each thread then queued for the GIL behind the
 charging) against the devices' public keys, which the gateway sends it (kept compactly:
-gateway.keytable), decodes the body, and passes on the key it verified with
-(``vouched_by``) and the report's fields: when that is the device's key, the gateway
-neither checks the signature nor decodes the payload again. Anything it cannot vouch for
-(an unknown device, a bad envelope, signature or body) the gateway verifies in full.
+gateway.keytable), and passes on the key it verified with (``vouched_by``): the gateway
+skips that check when it is the device's key. Anything it cannot vouch for (an unknown
+device, a bad envelope or signature) the gateway verifies in full, as before.
 
 The receiver never acknowledges a report by itself: only when the gateway tells it to,
 after the report's batch is committed. So nothing changes for the
@@ -38,8 +37,7 @@ Frames are a 4-byte big-endian length, then a msgpack value:
   ``["ack", [[connection, mid, qos], ...]]``, and ``["keys", ...]`` for each new device;
 - receiver → gateway: ``["ready"]`` or ``["error", text]`` once, after the first
   connect; then batches of messages, each a list of
-  ``[topic, payload, mid, qos, retain, connection, vouched_by, report]``, ``report`` the
-  vouched report's ``[device, boot, number, time_ms, counters]`` or nil.
+  ``[topic, payload, mid, qos, retain, connection, vouched_by]``.
 """
 
 from __future__ import annotations
@@ -53,17 +51,15 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from gateway.errors import BrokerError
-from gateway.ingest import vouch
+from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.topics import Topics
-from gateway.wire import UsageReport
 from gateway.workers import Workers
 
 log = logging.getLogger("tokenwell.gateway")
@@ -214,13 +210,10 @@ class Receiver:
     async def _deliver(self) -> None:
         assert self._reader is not None
         base = self._generation * GENERATION
-        inbox, checked = self._inbox, UsageReport.checked
+        inbox = self._inbox
         while (batch := await read_frame(self._reader)) is not None:
-            for topic, payload, mid, qos, retain, connection, key, fields in batch:
-                report = checked(*fields) if fields is not None else None
-                inbox.put_nowait(
-                    Forwarded(topic, payload, mid, qos, retain, base + connection, key, report)
-                )
+            for topic, payload, mid, qos, retain, connection, key in batch:
+                inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, base + connection, key))
 
     async def _restart(self) -> None:
         # Receivers that keep dying soon after starting are not restarted in a tight loop.
@@ -362,40 +355,20 @@ def _obey(command: list[Any], mqtt: MqttClient | None, keys: KeyTable) -> None:
             keys.add(device, key)
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarded(Incoming):
-    """A message as the receiver process forwarded it: with the report it decoded, when
-    it vouched for one (:func:`gateway.ingest.vouch`)."""
-
-    report: UsageReport | None = None
-
-
-Vouched = tuple[bytes | None, list[Any] | None]  # key, the report's fields
-
-
 class Vouching:
-    """Checks the signatures (and decodes the bodies) of a batch of messages on worker
-    threads, in order."""
+    """Checks the signatures of a batch of messages on worker threads, in order."""
 
     def __init__(self, topics: Topics, keys: KeyTable) -> None:
         self._topics, self._keys = topics, keys
         self._workers = Workers("vouch")
 
-    async def check(self, batch: list[Incoming]) -> list[Vouched]:
-        """For each message, the key its signature is valid with and its report's fields
-        as a frame carries them (:func:`vouch`; None where it did not vouch)."""
+    async def check(self, batch: list[Incoming]) -> list[bytes | None]:
+        """For each message, the key its signature is valid with (:func:`vouching_key`)."""
         return await self._workers.map(self._check, batch, inline=INLINE_VOUCH)
 
-    def _check(self, messages: Sequence[Incoming]) -> list[Vouched]:
+    def _check(self, messages: Sequence[Incoming]) -> list[bytes | None]:
         device_of, keys = self._topics.device_of_usage, self._keys
-        return [_fields(*vouch(device_of(m.topic), m.payload, keys)) for m in messages]
-
-
-def _fields(key: bytes | None, report: UsageReport | None) -> Vouched:
-    if report is None:
-        return key, None
-    r = report
-    return key, [r.device, r.boot, r.number, r.device_time_ms, dict(r.counters)]
+        return [vouching_key(device_of(m.topic), m.payload, keys) for m in messages]
 
 
 async def _forward(
@@ -406,10 +379,10 @@ async def _forward(
         batch = [await inbox.get()]
         while not inbox.empty() and len(batch) < MAX_FORWARDED:
             batch.append(inbox.get_nowait())
-        vouched = await vouching.check(batch)
+        keys = await vouching.check(batch)
         rows = [
-            (m.topic, m.payload, m.mid, m.qos, m.retain, m.session, key, fields)
-            for m, (key, fields) in zip(batch, vouched, strict=True)
+            (m.topic, m.payload, m.mid, m.qos, m.retain, m.session, key)
+            for m, key in zip(batch, keys, strict=True)
         ]
         writer.write(frame(rows))
         await writer.drain()

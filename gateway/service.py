@@ -55,7 +55,6 @@ from gateway.ledger import Ledger, LedgerWrite, UsageQuery, UsageRow
 from gateway.metering import Device, next_control
 from gateway.metrics import Metrics
 from gateway.mqtt import Incoming
-from gateway.receiver import Forwarded
 from gateway.statement import StatementError, build_statement
 from gateway.topics import Topics
 from gateway.views import Event, device_state, pool_view, state_json
@@ -207,20 +206,11 @@ class MeteringService:
         self.metrics.vouched.inc(len(batch) - len(unvouched))
         checked = iter(await self._verify_in_threads(unvouched) if unvouched else ())
         return [
-            next(checked) if m.vouched_by is None else self._verify_vouched(m, device_of, registry)
+            next(checked)
+            if m.vouched_by is None
+            else verify(device_of(m.topic), m.payload, registry, vouched_by=m.vouched_by)
             for m in batch
         ]
-
-    @staticmethod
-    def _verify_vouched(
-        m: Incoming, device_of: Callable[[str], str | None], registry: Registry
-    ) -> UsageReport | Rejected:
-        """A message the receiver vouched for: no signature to check, and, when it also
-        decoded the report (:class:`~gateway.receiver.Forwarded`), nothing to decode."""
-        report = m.report if isinstance(m, Forwarded) else None
-        return verify(
-            device_of(m.topic), m.payload, registry, vouched_by=m.vouched_by, report=report
-        )
 
     async def _verify_in_threads(self, batch: list[Incoming]) -> list[UsageReport | Rejected]:
         items = [(self.topics.device_of_usage(m.topic), m.payload) for m in batch]

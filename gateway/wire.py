@@ -104,22 +104,6 @@ class UsageReport:
             if not _is_uint(count):
                 raise InvalidMessage(Reason.OUT_OF_RANGE, f"c.{meter}={count!r}"[:80])
 
-    @classmethod
-    def checked(
-        cls, device: str, boot: int, number: int, device_time_ms: int, counters: dict[str, int]
-    ) -> UsageReport:
-        """A report from the fields of one this module has already built and checked
-        (:func:`decode_usage_body` in the receiver process, passed over its socket:
-        gateway.receiver), without checking them a second time."""
-        report = object.__new__(cls)
-        for name, value in (
-            ("device", device), ("boot", boot), ("number", number),
-            ("device_time_ms", device_time_ms), ("counters", MappingProxyType(counters)),
-            ("version", PROTOCOL_VERSION),
-        ):  # fmt: skip
-            object.__setattr__(report, name, value)
-        return report
-
 
 @dataclass(frozen=True, slots=True)
 class ControlMessage:
