@@ -323,6 +323,11 @@ class MqttClient:
             failures += 1
             await asyncio.sleep(delay)
 
+    def _keeper_ended(self, keeper: asyncio.Task[None]) -> None:
+        """Say so if the connection keeper failed: nothing would reconnect any more."""
+        if not keeper.cancelled() and keeper.exception() is not None:
+            log.error("MQTT %s: the connection keeper failed: %r", self._url, keeper.exception())
+
     async def _open(self) -> bool:
         """Open a connection (TCP, TLS, then CONNECT queued) on a worker thread: the only
         blocking step. False, logged, when it cannot be made."""
@@ -364,6 +369,7 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self._url}: {exc}") from None
         self._keeper = asyncio.create_task(self._keep_connected(), name=f"mqtt {self._url}")
+        self._keeper.add_done_callback(self._keeper_ended)
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
         except TimeoutError:
