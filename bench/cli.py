@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,12 @@ class Session:
         one all-cores verification round (the ratio of a drain to a ceiling measured
         minutes apart mixes two speeds of a machine whose speed drifts)."""
         received, _ = phases.receive_floor(rig, name, self.backlog)
-        return report.ceiling(received.rate, verify.threaded_rate(self.backlog, self.devices))
+        return report.ceiling(received.rate, verify.threaded_rate(self.checks))
+
+    @cached_property
+    def checks(self) -> list[verify.Check]:
+        """The backlog's signature checks, decoded once for every round that needs them."""
+        return verify.checks(self.backlog, self.devices)
 
     def profile(self, rig: Rig, out: Path) -> None:
         """One more drain, sampled by py-spy into ``out``; prints the summaries."""

@@ -91,13 +91,10 @@ def verify_checks_sodium(work: Sequence[Check]) -> int:
     return len(work)
 
 
-def _verify_all(work: Sequence[Check]) -> None:
-    if verify_checks(work) != len(work):
-        raise BenchError("a verification went missing")
-
-
-def _verify_all_sodium(work: Sequence[Check]) -> None:
-    if verify_checks_sodium(work) != len(work):
+def _verify_all(
+    work: Sequence[Check], check: Callable[[Sequence[Check]], int] = verify_checks
+) -> None:
+    if check(work) != len(work):
         raise BenchError("a verification went missing")
 
 
@@ -132,10 +129,10 @@ def _pooled_rate(
     return _best_rate(len(work), run, rounds)
 
 
-def threaded_rate(reports: Sequence[Signed], devices: Sequence[BenchDevice]) -> float:
-    """One quick all-cores measurement of libsodium's floor (threads, one round), for a
-    ceiling measured right beside a drain round (the machine's speed drifts)."""
-    work = checks(reports, devices)
+def threaded_rate(work: Sequence[Check]) -> float:
+    """One quick all-cores measurement of libsodium's floor on ``work`` (:func:`checks`;
+    threads, one round), for a ceiling measured right beside a drain round (the machine's
+    speed drifts)."""
     workers = os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as threads:
         return _pooled_rate(threads, work, workers, 1, verify_checks_sodium)
@@ -164,7 +161,7 @@ def measure(
     work = checks(reports, devices)
     workers = os.cpu_count() or 1
     one = _best_rate(len(work), lambda: _verify_all(work), rounds)
-    sodium_one = _best_rate(len(work), lambda: _verify_all_sodium(work), rounds)
+    sodium_one = _best_rate(len(work), lambda: _verify_all(work, verify_checks_sodium), rounds)
     with ThreadPoolExecutor(workers) as threads:
         threaded = _pooled_rate(threads, work, workers, rounds)
         sodium_all = _pooled_rate(threads, work, workers, rounds, verify_checks_sodium)

@@ -112,11 +112,6 @@ def device_balance(device: Device, pool: Pool) -> int:
     return min(pool.balance, device.cap - used_now(device, pool))
 
 
-def raise_highs(device: Device, boot: int, updates: Mapping[str, int]) -> Device:
-    """``device`` with ``H`` of epoch ``boot`` set to ``updates`` (meter -> new high)."""
-    return evolve(device, highs=raised_highs(device, boot, updates))
-
-
 def raised_highs(
     device: Device, boot: int, updates: Mapping[str, int]
 ) -> tuple[tuple[int, str, int], ...]:

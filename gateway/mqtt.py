@@ -342,8 +342,8 @@ class MqttClient:
         return True
 
     async def _while_open(self) -> None:
-        """Until the socket closes: paho's keep-alive every
-        second (a PINGREQ when due; a connection silent for too long is closed)."""
+        """Until the socket closes: paho's keep-alive every second (a PINGREQ when due; a
+        connection silent for too long is closed)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), MISC_INTERVAL)

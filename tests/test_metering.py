@@ -22,7 +22,7 @@ from gateway.metering import (
     decide_level,
     device_balance,
     next_control,
-    raise_highs,
+    raised_highs,
     used_now,
 )
 from gateway.wire import ControlMessage, UsageReport
@@ -128,10 +128,11 @@ def device(
 
 
 def test_highs_are_kept_per_boot_epoch_and_raised_one_epoch_at_a_time() -> None:
-    dev = raise_highs(device(), 2, {"b_meter": 5, "a_meter": 9})
-    dev = raise_highs(dev, 1, {"a_meter": 3})
+    first = device()
+    dev = replace(first, highs=raised_highs(first, 2, {"b_meter": 5, "a_meter": 9}))
+    dev = replace(dev, highs=raised_highs(dev, 1, {"a_meter": 3}))
     assert dev.highs == ((1, "a_meter", 3), (2, "a_meter", 9), (2, "b_meter", 5))  # sorted
-    raised = raise_highs(dev, 2, {"a_meter": 12})
+    raised = replace(dev, highs=raised_highs(dev, 2, {"a_meter": 12}))
     assert raised.highs_of(2) == {"a_meter": 12, "b_meter": 5}
     assert raised.highs_of(1) == {"a_meter": 3}
     assert raised.highs_of(3) == {}
