@@ -30,6 +30,7 @@ from gateway.ledger import Ledger
 from gateway.metrics import Metrics
 from gateway.mqtt import BrokerUrl, MqttClient
 from gateway.receiver import Receiver
+from gateway.runtime import quiet_collector
 from gateway.service import MeteringService
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.topics import Topics
@@ -276,6 +277,7 @@ def _bind(host: str, port: int) -> socket.socket:
 async def serve(settings: Settings) -> None:
     """Run a gateway until SIGINT or SIGTERM, then stop cleanly."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    quiet_collector()
     gateway = Gateway(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

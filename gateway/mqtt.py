@@ -38,6 +38,7 @@ KEEPALIVE = 30  # seconds
 MISC_INTERVAL = 1.0  # seconds between paho's keep-alive checks (``loop_misc``)
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0)  # after a lost connection or a failed attempt
 READS_PER_TURN = 64  # ``loop_read`` calls in one turn of the loop at most
+READ_AHEAD = 65536  # bytes asked of the kernel at once (see _ReadAhead)
 DISCONNECT_TIMEOUT = 2.0  # seconds for the DISCONNECT to be written
 
 
@@ -97,6 +98,46 @@ def _no_delay(sock: Any) -> None:
     control message) waits for the broker's delayed ACK, up to 40 ms on Linux."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _ReadAhead:
+    """The socket as paho reads it: whatever the kernel holds, up to ``READ_AHEAD`` bytes,
+    is read in one system call, and paho's reads are served from it.
+
+    paho reads each packet in three or more ``recv`` calls (its first byte, each byte of
+    its length, then the rest), a system call each: four for every report received. Bytes
+    held here are no longer in the kernel, so the event loop cannot see them:
+    :meth:`pending` counts them (with what TLS has decrypted), as ``ssl.SSLSocket``'s does,
+    and the client reads again while it is not zero. Everything else goes to the socket.
+    """
+
+    __slots__ = ("_at", "_data", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._data = b""
+        self._at = 0
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes; raises what the socket raises when it has none (no data
+        yet) and returns ``b""`` at the end of the stream, like ``socket.recv``."""
+        data, at = self._data, self._at
+        if at >= len(data):
+            data, at = self._sock.recv(READ_AHEAD), 0
+            if not data:
+                return data
+            self._data = data
+        chunk = data[at : at + size]
+        self._at = at + len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        """Bytes readable without waiting for the kernel: held here, or decrypted by TLS."""
+        inner = getattr(self._sock, "pending", None)
+        return len(self._data) - self._at + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class MqttClient:
@@ -185,7 +226,11 @@ class MqttClient:
 
     def _socket_opened(self, client: Any, userdata: Any, sock: Any) -> None:
         _no_delay(sock)
-        self._on_loop(self._register, sock)
+        reading = _ReadAhead(sock)
+        # paho has just set _sock and reads and writes through it from now on, this
+        # callback's socket argument included when it closes.
+        client._sock = reading
+        self._on_loop(self._register, reading)
 
     def _register(self, sock: Any) -> None:
         self._socket = sock
@@ -248,11 +293,10 @@ class MqttClient:
         self._read_pending()
 
     def _read_pending(self) -> None:
-        """Read again soon if a TLS socket holds decrypted bytes: they are no longer in the
-        kernel, so the loop would never report the socket readable for them (paho's own
-        loop checks ``pending()`` the same way)."""
-        pending = getattr(self._socket, "pending", None)
-        if self._reading and pending is not None and pending() > 0:
+        """Read again soon if bytes are held above the kernel (:class:`_ReadAhead`, TLS):
+        the loop would never report the socket readable for them (paho's own loop checks
+        a TLS socket's ``pending()`` the same way)."""
+        if self._reading and self._socket.pending() > 0:
             self._loop.call_soon(self._readable)
 
     # --- paho's callbacks (on the loop) ----------------------------------------------

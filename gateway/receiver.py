@@ -59,6 +59,7 @@ from gateway.errors import BrokerError
 from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
+from gateway.runtime import quiet_collector
 from gateway.topics import Topics
 from gateway.workers import Workers
 
@@ -395,6 +396,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    quiet_collector()
     return asyncio.run(serve(int(sys.argv[1])))
 
 

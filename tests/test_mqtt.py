@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import select
+import socket
 import ssl
 from ipaddress import ip_address
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import BrokerError
-from gateway.mqtt import READS_PER_TURN, BrokerUrl, Incoming, MqttClient
+from gateway.mqtt import READS_PER_TURN, BrokerUrl, Incoming, MqttClient, _ReadAhead
 from tests.helpers import Listener, free_port, unique_prefix
 
 TIMEOUT = 10.0
@@ -126,12 +127,13 @@ async def test_disconnect_during_a_connection_attempt_closes_what_it_opened(
     assert not _other_tasks()
 
 
-# --- TLS: bytes already decrypted ---------------------------------------------------------
+# --- bytes held above the kernel: read ahead, or decrypted by TLS --------------------------
 #
-# The project's broker has no TLS listener, so this peer speaks just enough MQTT over a
-# real TLS socket: CONNACK, then one burst of many QoS 0 PUBLISH packets that TLS
-# decrypts at once, more than the client reads in one turn of the loop. What it has not
-# read yet is then in the TLS socket, not in the kernel: epoll never reports it.
+# This peer speaks just enough MQTT (the project's broker has no TLS listener): CONNACK,
+# then one burst of many QoS 0 PUBLISH packets, more than the client reads in one turn of
+# the loop, that the client takes from the kernel at once (its read-ahead; TLS decrypts
+# the record whole too). What it has not handed to paho yet is then above the kernel:
+# epoll never reports it.
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -179,15 +181,16 @@ def _publish_qos0(topic: str, payload: bytes) -> bytes:
     return b"\x30" + _remaining_length(len(body)) + body
 
 
-async def test_over_tls_what_tls_has_decrypted_is_read_without_a_new_wake_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "tcp"])
+async def test_bytes_already_read_from_the_kernel_are_handled_without_a_new_wake_up(
+    tls: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cert, key = _self_signed(tmp_path)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     count = 3 * READS_PER_TURN
     burst = b"".join(_publish_qos0("tls/t", b"%d" % i) for i in range(count))
-    assert len(burst) < 16_000  # one TLS record: decrypted all at once
+    assert len(burst) < 16_000  # one TLS record, one read ahead: taken all at once
 
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(1)  # CONNECT
@@ -200,12 +203,13 @@ async def test_over_tls_what_tls_has_decrypted_is_read_without_a_new_wake_up(
         await reader.read()  # until the client disconnects
         writer.close()
 
-    server = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=server_tls)
+    server = await asyncio.start_server(peer, "127.0.0.1", 0, ssl=server_tls if tls else None)
     port = server.sockets[0].getsockname()[1]
     client_tls = ssl.create_default_context(cafile=cert)  # trusts the peer's certificate
     monkeypatch.setattr(ssl, "create_default_context", lambda: client_tls)
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    client = MqttClient(BrokerUrl.parse(f"mqtts://127.0.0.1:{port}"), "tls", inbox=inbox)
+    url = BrokerUrl.parse(f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{port}")
+    client = MqttClient(url, "burst", inbox=inbox)
     try:
         await client.connect()
         payloads = [(await asyncio.wait_for(inbox.get(), TIMEOUT)).payload for _ in range(count)]
@@ -214,3 +218,46 @@ async def test_over_tls_what_tls_has_decrypted_is_read_without_a_new_wake_up(
         await client.disconnect()
         server.close()
         await server.wait_closed()
+
+
+# --- the read-ahead itself ----------------------------------------------------------------
+
+
+class _CountingSocket:
+    """A socket that counts the ``recv`` system calls made on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.calls = sock, 0
+
+    def recv(self, size: int) -> bytes:
+        self.calls += 1
+        return self.sock.recv(size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_read_ahead_serves_many_small_reads_from_one_system_call() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        counting = _CountingSocket(ours)
+        reading = _ReadAhead(counting)
+        packets = [_publish_qos0("t", b"%d" % i) for i in range(50)]
+        theirs.sendall(b"".join(packets))
+        select.select([ours], [], [], TIMEOUT)
+        got = []
+        for _ in packets:  # as paho reads: the first byte, the length, the rest
+            head = reading.recv(1) + reading.recv(1)
+            got.append(head + reading.recv(head[1]))
+            assert reading.pending() == sum(map(len, packets[len(got) :]))
+        assert got == packets
+        assert counting.calls == 1
+        assert reading.fileno() == ours.fileno()  # everything else is the socket's
+        with pytest.raises(BlockingIOError):  # nothing held, nothing in the kernel
+            reading.recv(1)
+        theirs.sendall(b"ab")
+        theirs.shutdown(socket.SHUT_WR)
+        select.select([ours], [], [], TIMEOUT)
+        assert reading.recv(5) == b"ab"
+        assert reading.recv(1) == b""  # the end of the stream, as socket.recv says it
