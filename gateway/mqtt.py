@@ -121,11 +121,12 @@ class _ReadAhead:
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes; raises what the socket raises when it has none (no data
         yet) and returns ``b""`` at the end of the stream, like ``socket.recv``."""
-        data, at = self._data, self._at
+        data: bytes = self._data
+        at = self._at
         if at >= len(data):
             data, at = self._sock.recv(READ_AHEAD), 0
             if not data:
-                return data
+                return b""
             self._data = data
         chunk = data[at : at + size]
         self._at = at + len(chunk)
