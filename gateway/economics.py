@@ -48,6 +48,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from operator import attrgetter
 from typing import Literal
 
 from gateway.pricing import format_price
@@ -290,17 +291,23 @@ def debit(pool: Pool, tokens: int) -> tuple[Pool, Burn]:
     """
     left = tokens
     kept: list[GrantState] = []
-    for grant in sorted(pool.grants, key=lambda g: g.burn_key):
+    grants = pool.grants if len(pool.grants) < 2 else sorted(pool.grants, key=_burn_key)
+    for grant in grants:
         take = min(left, grant.remaining)
         left -= take
         if grant.remaining > take:
-            kept.append(evolve(grant, remaining=grant.remaining - take))
+            kept.append(grant if take == 0 else evolve(grant, remaining=grant.remaining - take))
     overage = left if pool.policy != "prepaid" else 0
-    kept.sort(key=lambda g: g.seq)
+    if len(kept) > 1:
+        kept.sort(key=_seq)
     debited = evolve(
         pool, used=pool.used + tokens, overage=pool.overage + overage, grants=tuple(kept)
     )
     return debited, Burn(tokens, overage)
+
+
+_burn_key = attrgetter("burn_key")
+_seq = attrgetter("seq")
 
 
 def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:

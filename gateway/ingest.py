@@ -318,6 +318,8 @@ class BatchResult:
     pools: dict[str, Pool] = field(default_factory=dict)
     reset: set[str] = field(default_factory=set)  # pools whose period began anew
     reporters: dict[str, str] = field(default_factory=dict)  # pool -> last device debited
+    # device -> the pool (this very value) its control message was last decided against
+    decided: dict[str, Pool] = field(default_factory=dict)
     controls: list[ControlMessage] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     charged: int = 0  # reports that debited or raised a counter
@@ -431,14 +433,19 @@ def _settle_pools(
             continue
         _record(outcome, result)
         result.pools[key] = outcome.pool
+        members = registry.members_of(key)
+        if members <= check:  # a dedicated pool whose device reported, mostly
+            continue
         before = limit_level(pool_limit(registry.pools[key]), pricing.ladder)
         after = limit_level(pool_limit(outcome.pool), pricing.ladder)
         if key in result.reset or before.key != after.key or outcome.movements:
-            check.update(registry.members_of(key))
+            check.update(members)
     for device_id in sorted(check):
         device = result.devices.get(device_id) or registry.devices[device_id]
         pool = result.pools.get(device.pool) or registry.pools[device.pool]
         reset = device.pool in result.reset and not device.revoked
+        if not reset and result.decided.get(device_id) is pool:
+            continue  # decided against this very pool: the same decision again
         why = "period_reset" if reset else None
         result.devices[device_id] = _with_control(device, pool, pricing, now_ms, result, why)
     result.write.devices.extend(result.devices.values())
@@ -458,7 +465,8 @@ def _charge_one(
     pool = _advanced_pool(device.pool, registry, now_ms, result)
     highs = device.highs_of(report.boot)
     outcome = charge(report, highs, pricing.prices)
-    if pool.used + outcome.tokens > MAX_UINT:
+    tokens = outcome.tokens
+    if pool.used + tokens > MAX_UINT:
         # The ledger keeps 64-bit integers. A genuine report cannot get here (2**63 tokens);
         # a broken or hostile device can, and must be refused rather than stop the gateway.
         detail = f"used would pass {MAX_UINT} tokens"
@@ -471,9 +479,9 @@ def _charge_one(
         result.devices[device.id] = evolve(device, last_report_ms=now_ms)
         return None
     result.charged += 1
-    result.tokens += outcome.tokens
+    result.tokens += tokens
     at_ms = attributed_time(report.device_time_ms, now_ms, pricing.device_clock_max_age_ms)
-    pool, burn = debit_pool(pool, outcome.tokens)
+    pool, burn = debit_pool(pool, tokens)
     result.pools[pool.key] = pool
     result.reporters[pool.key] = device.id
     overage = burn.overage
@@ -488,8 +496,9 @@ def _charge_one(
             )
         )  # fmt: skip
     raised = {line.meter: line.to_units for line in outcome.lines}
-    debited = debit(device, pool, outcome.tokens, now_ms, raised_highs(device, report.boot, raised))
+    debited = debit(device, pool, tokens, now_ms, raised_highs(device, report.boot, raised))
     result.devices[device.id] = _with_control(debited, pool, pricing, now_ms, result)
+    result.decided[device.id] = pool
     return at_ms
 
 

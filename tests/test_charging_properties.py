@@ -24,7 +24,7 @@ from gateway.economics import Pool, credit
 from gateway.errors import Rejection
 from gateway.ingest import Pricing, Registry, Rejected, charge_batch, verify
 from gateway.ledger import MemoryLedger
-from gateway.metering import Device
+from gateway.metering import Device, decide_level
 from gateway.pricing import charged
 from gateway.wire import (
     CONTROL_DOMAIN,
@@ -139,6 +139,53 @@ def test_no_interleaving_of_duplicates_replays_reorders_or_losses_changes_the_ch
     stored = {(h.boot, h.meter): h.high for h in asyncio.run(ledger.load()).highs}
     assert stored == priced_final
     assert [c.seq for c in controls] == sorted({c.seq for c in controls})  # strictly increasing
+
+
+@st.composite
+def shared_pool_traffic(draw: st.DrawFn) -> list[list[UsageReport]]:
+    """Reports of three devices on one shared pool, each device's counter only growing,
+    interleaved in any order and cut into batches anywhere."""
+    reports: list[UsageReport] = []
+    for device in SHARED_DEVICES:
+        count = 0
+        for n in range(1, draw(st.integers(0, 6)) + 1):
+            count += draw(st.integers(0, 3000))
+            reports.append(UsageReport(device, 1, n, T + n, {"api_calls": count}))
+    delivered = draw(st.permutations(reports))
+    batches: list[list[UsageReport]] = []
+    while delivered:
+        size = draw(st.integers(1, len(delivered)))
+        batches.append(delivered[:size])
+        delivered = delivered[size:]
+    return batches
+
+
+SHARED_DEVICES = ("dev-a", "dev-b", "dev-c")
+
+
+@PROPERTY
+@given(shared_pool_traffic(), st.sampled_from([10**6, 100, 40, 5]), st.sampled_from([None, 12]))
+def test_after_every_batch_every_device_on_a_pool_was_told_its_current_level(
+    batches: list[list[UsageReport]], allocation: int, cap: int | None
+) -> None:
+    registry = Registry()
+    registry.apply(
+        {
+            device: Device(device, bytes(32), "acme", "@acme", 0, 0, 0, cap=cap if i == 0 else None)
+            for i, device in enumerate(SHARED_DEVICES)
+        },
+        [credit(Pool("@acme", "acme"), allocation, 0).pool],
+    )
+    pricing = Pricing(PRICES, DEFAULT_LADDER)
+    for number, batch in enumerate(batches):
+        result = charge_batch(batch, registry, pricing, T + number)
+        registry.apply(result.devices, result.pools.values())
+        pool = registry.pools["@acme"]
+        for device_id in SHARED_DEVICES:
+            device = registry.devices[device_id]
+            told = device.control
+            level = decide_level(device, pool, DEFAULT_LADDER)
+            assert ((told.state, told.rate_permille) if told else ("ok", 1000)) == level.key
 
 
 def max_reported(genuine: list[UsageReport]) -> dict[tuple[int, str], int]:
