@@ -49,7 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from operator import attrgetter
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from gateway.pricing import format_price
 from gateway.values import evolve
@@ -161,8 +161,7 @@ class Movement:
     device: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Burn:
+class Burn(NamedTuple):
     """What one debit did: ``tokens`` in all, of which ``overage`` past zero (billed)."""
 
     tokens: int
@@ -372,7 +371,12 @@ def is_due(pool: Pool, now_ms: int) -> bool:
 
 def next_due_ms(pool: Pool) -> int | None:
     """The earliest period boundary or grant expiry of ``pool`` (None: neither)."""
-    return earliest_due_ms(pool.period_end_ms, (g.expires_ms for g in pool.grants))
+    due = pool.period_end_ms
+    for grant in pool.grants:  # a loop, not min() over a generator: twice a report
+        expires = grant.expires_ms
+        if expires is not None and (due is None or expires < due):
+            due = expires
+    return due
 
 
 def earliest_due_ms(period_end_ms: int | None, expiries: Iterable[int | None]) -> int | None:
@@ -511,8 +515,7 @@ def _month_boundary(anchor_ms: int, months: int) -> int:
 # --- limits and levels ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
+class Limit(NamedTuple):
     """One limit on a device: ``headroom`` tokens left of ``base``; ``why`` at zero."""
 
     headroom: int

@@ -27,6 +27,7 @@ from gateway.economics import (
     Pool,
     advance,
     after_debit,
+    is_due,
     next_due_ms,
     pool_limit,
 )
@@ -396,7 +397,11 @@ def _advanced_pool(key: str, registry: RegistryView, now_ms: int, result: BatchR
     pool = result.pools.get(key)
     if pool is not None:
         return pool
-    outcome = advance(registry.pools[key], now_ms)
+    pool = registry.pools[key]
+    if not is_due(pool, now_ms):  # nothing has expired or ended: the common case
+        result.pools[key] = pool
+        return pool
+    outcome = advance(pool, now_ms)
     _record(outcome, result)
     result.pools[key] = outcome.pool
     return outcome.pool

@@ -33,7 +33,6 @@ from gateway.economics import (
 )
 from gateway.errors import InvalidMessage, LedgerError
 from gateway.ledger import (
-    Debit,
     LedgerWrite,
     PackedSnapshot,
     Snapshot,
@@ -385,8 +384,8 @@ def _statements(write: LedgerWrite) -> list[Statement]:
     return [
         *_insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices]),
         *_insert(_UPSERT_POOL, [pool_row(p) for p in write.pools]),
-        *_insert(_UPSERT_HIGH, [(h.device, h.boot, h.meter, h.high) for h in write.highs]),
-        *_insert(_INSERT_DEBIT, [_debit_row(d) for d in write.debits]),
+        *_insert(_UPSERT_HIGH, write.highs),  # named tuples in column order
+        *_insert(_INSERT_DEBIT, write.debits),
         *_insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements]),
         *_insert(
             _KEEP_EVIDENCE[0],
@@ -396,7 +395,7 @@ def _statements(write: LedgerWrite) -> list[Statement]:
     ]
 
 
-def _insert(head: str, rows: list[tuple[Any, ...]], tail: str = "") -> Iterator[Statement]:
+def _insert(head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> Iterator[Statement]:
     """``rows`` (in order) as statements ``head`` ``SELECT`` rows ``tail``, up to
     ``_MAX_ROWS`` rows to a statement.
 
@@ -415,7 +414,7 @@ def _insert(head: str, rows: list[tuple[Any, ...]], tail: str = "") -> Iterator[
     width = len(rows[0])
     per_statement = min(_MAX_ROWS, 1 << ((_MAX_PARAMETERS // width).bit_length() - 1))
     for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
+        chunk = list(rows[start : start + per_statement])
         size = 1 << (len(chunk) - 1).bit_length()
         padded = chunk + [chunk[-1]] * (size - len(chunk))
         yield _sql(head, width, size, tail), [v for row in padded for v in row] + [len(chunk)]
@@ -459,13 +458,6 @@ async def _on_thread(
 def _exact_sum(expr: str) -> str:
     """Two SQL sums, of the high and of the low 32 bits of ``expr``: neither overflows."""
     return f"SUM(({expr}) >> 32), SUM(({expr}) & {_LOW_BITS})"
-
-
-def _debit_row(d: Debit) -> tuple[Any, ...]:
-    return (
-        d.device, d.account, d.boot, d.meter, d.from_units, d.to_units, d.tokens, d.at_ms,
-        d.received_ms, d.pool, d.overage,
-    )  # fmt: skip
 
 
 def _movement_row(m: Movement) -> tuple[Any, ...]:
