@@ -25,7 +25,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -76,9 +76,9 @@ class BrokerUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(NamedTuple):
     """One received PUBLISH, stamped with the connection (``session``) it arrived on.
+    (A named tuple: one is built for every report, in each of the two processes.)
 
     ``vouched_by``: the public key its signature was found valid with on the way in
     (gateway.receiver), if any.

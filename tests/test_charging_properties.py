@@ -16,9 +16,10 @@ from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from gateway import wire
 from gateway.config import DEFAULT_LADDER
 from gateway.economics import Pool, credit
 from gateway.errors import Rejection
@@ -242,6 +243,47 @@ def test_any_bytes_decode_to_a_rejection_or_to_the_one_genuine_report(payload: b
         assert isinstance(outcome, Rejection)
     assert isinstance(decode_control(payload, PUBLIC), Rejection)  # never a control message
     assert isinstance(decode_usage_body(payload), UsageReport | Rejection)
+
+
+def _strict_envelope(payload: bytes) -> object:
+    """What decode_envelope says with no fast path: the strict decoder, then the shape."""
+    try:
+        return wire._envelope(wire._unpack(payload))
+    except wire.InvalidMessage as exc:
+        return exc.rejection
+
+
+KEYS = [b"\xa1m", b"\xa1s", b"\xa1x", b"\x01"]
+VALUES = [
+    b"\xc4\x01\x00",
+    b"\xc4\x40" + bytes(64),
+    b"\xd6\xff\x00\x00\x00\x01",
+    b"\x81\xa1m\x01",
+    b"\xc1",
+]
+
+
+@st.composite
+def small_maps(draw: st.DrawFn) -> bytes:
+    """Maps of a few entries (keys m, s and others, duplicates too; bin, timestamp, map or
+    invalid values), the header's count sometimes wrong, sometimes trailing bytes."""
+    pairs = draw(st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)), max_size=3))
+    count = len(pairs) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+    body = b"".join(key + value for key, value in pairs)
+    return bytes([0x80 | max(count, 0)]) + body + draw(st.sampled_from([b"", b"\x00"]))
+
+
+SIGNATURE_BIN = b"\xc4\x40" + bytes(64)
+
+
+@PROPERTY
+@given(st.one_of(junk, small_maps()))
+@example(b"\x83\xa1m\xc4\x01\x00\xa1m\xc4\x01\x01\xa1s" + SIGNATURE_BIN)  # m twice
+@example(b"\x82\xa1m\xc4\x01\x00\xa1s" + SIGNATURE_BIN + b"\x00")  # trailing bytes
+@example(b"\x82\xa1m\xd6\xff\x00\x00\x00\x01\xa1s" + SIGNATURE_BIN)  # a timestamp
+@example(b"\x82\xa1m\xc4\x01\x00\xa1s" + SIGNATURE_BIN)  # well formed
+def test_the_envelope_fast_path_decides_exactly_as_the_strict_decoder(payload: bytes) -> None:
+    assert decode_envelope(payload) == _strict_envelope(payload)
 
 
 msgpack_values = st.recursive(
