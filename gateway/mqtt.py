@@ -22,6 +22,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ MISC_INTERVAL = 1.0  # seconds between paho's keep-alive checks (``loop_misc``)
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0)  # after a lost connection or a failed attempt
 READS_PER_TURN = 64  # ``loop_read`` calls in one turn of the loop at most
 READ_AHEAD = 65536  # bytes asked of the kernel at once (see _ReadAhead)
+_PUBACK = struct.Struct(">BBH")  # fixed header (type, remaining length 2), message id
 DISCONNECT_TIMEOUT = 2.0  # seconds for the DISCONNECT to be written
 
 
@@ -178,6 +180,7 @@ class MqttClient:
         self._subscriptions: dict[str, int] = {}
         self._session = 0
         self._unacknowledged = 0  # received with manual_ack, not yet acknowledged
+        self._pubacks: list[int] = []  # message ids acknowledged in this turn of the loop
         self._max_unacknowledged = max_unacknowledged
         self._unconfirmed: set[int] = set()
         self._all_confirmed = asyncio.Event()
@@ -448,20 +451,40 @@ class MqttClient:
 
     def acknowledge(self, mid: int, qos: int, session: int) -> None:
         """Acknowledge message ``mid`` received with ``manual_ack`` on connection
-        ``session``: a PUBACK for QoS 1, nothing to send for QoS 0 (it only frees its place
-        under ``max_unacknowledged``).
+        ``session``: a PUBACK for QoS 1 (sent with the others of this turn of the loop, see
+        :meth:`_send_pubacks`), nothing to send for QoS 0 (it only frees its place under
+        ``max_unacknowledged``).
 
         Only on the connection it arrived on: after a reconnect its message id may name
         another message, and the broker redelivers the unacknowledged one anyway.
         """
         if session != self._session:
             return
-        if qos > 0:
+        if qos == 1:
+            if not self._pubacks:
+                self._loop.call_soon(self._send_pubacks, session)
+            self._pubacks.append(mid)
+        elif qos > 1:
             self._client.ack(mid, qos)
         if self._max_unacknowledged is not None:
             self._unacknowledged -= 1
             if self._unacknowledged < self._max_unacknowledged:
                 self._resume_reading()
+
+    def _send_pubacks(self, session: int) -> None:
+        """The PUBACKs of this turn of the loop, queued with paho as one packet.
+
+        paho writes each packet it queues with a ``send`` of its own and, Nagle being off,
+        as a TCP segment of its own that the broker wakes up for: a thousand for a batch
+        of a thousand reports. Queued together they go out in one (paho's private
+        ``_packet_queue``, the queue its own ``ack`` uses; PUBACKs are four fixed bytes
+        each and carry nothing paho tracks). Dropped if the connection changed meanwhile:
+        the broker redelivers those messages anyway.
+        """
+        mids, self._pubacks = self._pubacks, []
+        if mids and session == self._session and self._socket is not None:
+            pubacks = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
+            self._client._packet_queue(paho.PUBACK, pubacks, 0, 0)
 
     async def disconnect(self, flush_timeout: float = 5.0) -> None:
         """Wait (up to ``flush_timeout``) for outstanding publishes, then DISCONNECT, after
@@ -470,6 +493,7 @@ class MqttClient:
         paho drops what it has not written yet when it disconnects, so without the wait
         QoS 1 messages published just before would be lost.
         """
+        self._send_pubacks(self._session)  # before the DISCONNECT, not after
         if self.connected.is_set():
             await self.flush(flush_timeout)
         if self._keeper is not None:

@@ -71,6 +71,51 @@ async def test_reading_stops_at_the_unacknowledged_limit_and_resumes_with_acks(
         await client.disconnect()
 
 
+class _CountingSends:
+    """Stands in for the socket under the client's read-ahead, counting ``send`` calls."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.sends = sock, 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return int(self.sock.send(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def test_the_acknowledgements_of_one_turn_go_out_together_and_hold(
+    shared_broker: Any,
+) -> None:
+    total, topic, client_id = 50, f"{unique_prefix()}/acks", f"acks-{unique_prefix()}"
+    url = BrokerUrl.parse(shared_broker.url)
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    client = MqttClient(url, client_id, persistent=True, manual_ack=True, inbox=inbox)
+    client.subscribe(topic)
+    await client.connect()
+    async with Listener.connect(shared_broker.url, topic) as publisher:
+        for index in range(total):
+            publisher.publish(topic, b"%d" % index)
+        received = [await asyncio.wait_for(inbox.get(), TIMEOUT) for _ in range(total)]
+        counting = client._socket._sock = _CountingSends(client._socket._sock)
+        for message in received:
+            client.ack(message)
+        await client.disconnect()  # the PUBACKs first, then DISCONNECT
+        assert counting.sends == 2  # fifty PUBACKs in one write, and the DISCONNECT
+
+        # The same session again: nothing is redelivered; the next message comes first.
+        again: asyncio.Queue[Incoming] = asyncio.Queue()
+        client = MqttClient(url, client_id, persistent=True, manual_ack=True, inbox=again)
+        client.subscribe(topic)
+        await client.connect()
+        try:
+            publisher.publish(topic, b"next")
+            assert (await asyncio.wait_for(again.get(), TIMEOUT)).payload == b"next"
+        finally:
+            await client.disconnect()
+
+
 async def test_an_unreachable_broker_is_a_broker_error_and_leaves_nothing_running() -> None:
     client = MqttClient(BrokerUrl.parse(f"mqtt://127.0.0.1:{free_port()}"), "nobody")
     with pytest.raises(BrokerError, match=r"unreachable after 0\.3 s"):
