@@ -240,6 +240,7 @@ class MqttClient:
         self._socket = sock
         self._session += 1  # a new connection: message ids of earlier ones mean nothing
         self._unacknowledged = 0  # the broker re-sends what the last connection left
+        self._pubacks = []  # acknowledgements of the last connection's messages
         self._lost.clear()
         self._resume_reading()
 
@@ -462,7 +463,7 @@ class MqttClient:
             return
         if qos == 1:
             if not self._pubacks:
-                self._loop.call_soon(self._send_pubacks, session)
+                self._loop.call_soon(self._send_pubacks)
             self._pubacks.append(mid)
         elif qos > 1:
             self._client.ack(mid, qos)
@@ -471,18 +472,18 @@ class MqttClient:
             if self._unacknowledged < self._max_unacknowledged:
                 self._resume_reading()
 
-    def _send_pubacks(self, session: int) -> None:
+    def _send_pubacks(self) -> None:
         """The PUBACKs of this turn of the loop, queued with paho as one packet.
 
         paho writes each packet it queues with a ``send`` of its own and, Nagle being off,
         as a TCP segment of its own that the broker wakes up for: a thousand for a batch
         of a thousand reports. Queued together they go out in one (paho's private
         ``_packet_queue``, the queue its own ``ack`` uses; PUBACKs are four fixed bytes
-        each and carry nothing paho tracks). Dropped if the connection changed meanwhile:
-        the broker redelivers those messages anyway.
+        each and carry nothing paho tracks). A new connection drops those of the last one
+        (:meth:`_register`): the broker redelivers those messages anyway.
         """
         mids, self._pubacks = self._pubacks, []
-        if mids and session == self._session and self._socket is not None:
+        if mids and self._socket is not None:
             pubacks = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
             self._client._packet_queue(paho.PUBACK, pubacks, 0, 0)
 
@@ -493,7 +494,7 @@ class MqttClient:
         paho drops what it has not written yet when it disconnects, so without the wait
         QoS 1 messages published just before would be lost.
         """
-        self._send_pubacks(self._session)  # before the DISCONNECT, not after
+        self._send_pubacks()  # before the DISCONNECT, not after
         if self.connected.is_set():
             await self.flush(flush_timeout)
         if self._keeper is not None:
