@@ -4,7 +4,9 @@
   cut into batches anywhere, changes what is charged: exactly ``charged(final count)`` per
   boot epoch and meter (contract §4), as long as each epoch's final report arrives (a lost
   final report is made good by the device re-publishing it on reconnect).
-* Junk bytes only ever decode to a rejection; the decoders and ``ingest.verify`` never raise.
+* After every batch, every device on a shared pool was told its current level.
+* Junk bytes only ever decode to a rejection; the decoders and ``ingest.verify`` never raise;
+  the envelope's fast path decides exactly as the strict decoder.
 """
 
 from __future__ import annotations
@@ -254,9 +256,10 @@ def _strict_envelope(payload: bytes) -> object:
 
 
 KEYS = [b"\xa1m", b"\xa1s", b"\xa1x", b"\x01"]
+SIGNATURE_BIN = b"\xc4\x40" + bytes(64)
 VALUES = [
     b"\xc4\x01\x00",
-    b"\xc4\x40" + bytes(64),
+    SIGNATURE_BIN,
     b"\xd6\xff\x00\x00\x00\x01",
     b"\x81\xa1m\x01",
     b"\xc1",
@@ -271,9 +274,6 @@ def small_maps(draw: st.DrawFn) -> bytes:
     count = len(pairs) + draw(st.sampled_from([0, 0, 0, -1, 1]))
     body = b"".join(key + value for key, value in pairs)
     return bytes([0x80 | max(count, 0)]) + body + draw(st.sampled_from([b"", b"\x00"]))
-
-
-SIGNATURE_BIN = b"\xc4\x40" + bytes(64)
 
 
 @PROPERTY
