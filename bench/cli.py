@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -98,26 +97,30 @@ class Session:
         """The gateway's drain (best of the rounds), then, if asked, one under py-spy;
         returns the best rate."""
         rounds, devices, backlog = self.args.rounds, self.devices, self.backlog
-        drains, paired = [], []
-        with self.phase("drain", f"gateway drain, best of {rounds}, each beside its ceiling"):
+        drains, before, after = [], [], []
+        with self.phase("drain", f"gateway drain, best of {rounds}, each between two ceilings"):
             for i in range(rounds):
+                before.append(self.ceiling_now(rig, f"before{i}"))
                 drains.append(phases.drain(rig, f"drain{i}", devices, backlog))
-                paired.append(self.ceiling_now(rig, f"beside{i}"))
+                after.append(self.ceiling_now(rig, f"after{i}"))
         best = max(drains, key=lambda each: each.rate)
         self.details["drain_rates"] = [round(each.rate) for each in drains]
-        ratios = report.paired_ratios([each.rate for each in drains], paired)
-        self.details["paired_ceilings"] = [round(each) for each in paired]
+        ratios = report.paired_ratios([each.rate for each in drains], before, after)
+        steady = report.steady_rounds(before, after)
+        self.details["ceilings_before"] = [round(each) for each in before]
+        self.details["ceilings_after"] = [round(each) for each in after]
         self.details["paired_ratios"] = [round(each, 3) for each in ratios]
+        self.details["steady_rounds"] = steady
         self.results |= report.drain_results(best, float(self.results["ceiling_per_s"] or 1))
-        self.results["drain_ratio_paired"] = statistics.median(ratios)
+        self.results["drain_ratio_paired"] = report.paired_ratio(ratios, steady)
         if self.args.profile:
             self.profile(rig, self.args.profile)
         return best.rate
 
     def ceiling_now(self, rig: Rig, name: str) -> float:
-        """The ceiling measured again, right after a drain round: one receive floor and
-        one all-cores verification round (the ratio of a drain to a ceiling measured
-        minutes apart mixes two speeds of a machine whose speed drifts)."""
+        """The ceiling measured again, right before or after a drain round: one receive
+        floor and one all-cores verification round (the ratio of a drain to a ceiling
+        measured minutes apart mixes two speeds of a machine whose speed drifts)."""
         received, _ = phases.receive_floor(rig, name, self.backlog)
         return report.ceiling(received.rate, verify.threaded_rate(self.checks))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -99,10 +100,34 @@ def drain_results(drain: Drain, ceiling_rate: float) -> dict[str, Number]:
     }
 
 
-def paired_ratios(drains: Sequence[float], ceilings: Sequence[float]) -> list[float]:
-    """Each drain round over the ceiling measured right after it, in order. Their median
-    (``drain_ratio_paired``) is the figure that a drifting machine disturbs least."""
-    return [drain / ceiling for drain, ceiling in zip(drains, ceilings, strict=True)]
+UNSTEADY = 0.2  # a round whose two ceilings differ by more than this share of the larger
+
+
+def paired_ratios(
+    drains: Sequence[float], before: Sequence[float], after: Sequence[float]
+) -> list[float]:
+    """Each drain round over the mean of the ceilings measured right before and right
+    after it, in order."""
+    return [
+        drain / ((first + last) / 2)
+        for drain, first, last in zip(drains, before, after, strict=True)
+    ]
+
+
+def steady_rounds(before: Sequence[float], after: Sequence[float]) -> list[bool]:
+    """Whether the machine kept its speed across each round: its two ceilings agree
+    within ``UNSTEADY``. A round in which it changed speed has no fair ceiling."""
+    return [
+        abs(last - first) <= UNSTEADY * max(first, last)
+        for first, last in zip(before, after, strict=True)
+    ]
+
+
+def paired_ratio(ratios: Sequence[float], steady: Sequence[bool]) -> float:
+    """``drain_ratio_paired``: the median ratio of the steady rounds (of every round when
+    none was steady), the figure that a drifting machine disturbs least."""
+    kept = [ratio for ratio, ok in zip(ratios, steady, strict=True) if ok] or list(ratios)
+    return statistics.median(kept)
 
 
 def latency_results(latency: Latency, floor: Sequence[float]) -> dict[str, Number]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MEASURED = [
@@ -43,3 +45,19 @@ def test_the_quick_benchmark_runs_and_writes_every_figure(tmp_path: Path) -> Non
         assert results[key] is None, key
     assert document["machine"]["cores"] >= 1
     assert set(document["background_cores"]) == {"verify", "receive", "drain", "latency"}
+
+
+def test_each_round_is_held_against_the_mean_of_the_ceilings_around_it() -> None:
+    ratios = report.paired_ratios([8_000, 9_000], before=[10_000, 9_000], after=[10_000, 11_000])
+    assert ratios == [0.8, 0.9]
+
+
+def test_rounds_in_which_the_machine_changed_speed_do_not_count() -> None:
+    # Round 2's ceiling fell by a third across it: its ratio (1.06) says nothing fair.
+    before, after = [15_000, 15_000, 14_800], [15_200, 10_000, 15_100]
+    steady = report.steady_rounds(before, after)
+    assert steady == [True, False, True]
+    ratios = report.paired_ratios([11_000, 13_200, 11_500], before, after)
+    assert report.paired_ratio(ratios, steady) == (ratios[0] + ratios[2]) / 2  # their median
+    # With no steady round at all, every round counts.
+    assert report.paired_ratio([0.5, 0.7, 0.9], [False, False, False]) == 0.7
