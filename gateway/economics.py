@@ -371,18 +371,19 @@ def is_due(pool: Pool, now_ms: int) -> bool:
 
 def next_due_ms(pool: Pool) -> int | None:
     """The earliest period boundary or grant expiry of ``pool`` (None: neither)."""
-    due = pool.period_end_ms
-    for grant in pool.grants:  # a loop, not min() over a generator: twice a report
-        expires = grant.expires_ms
+    return earliest_due_ms(pool.period_end_ms, map(_expires, pool.grants))
+
+
+def earliest_due_ms(period_end_ms: int | None, expiries: Iterable[int | None]) -> int | None:
+    """The earliest of a period's end and grant expiries, None standing for "never"."""
+    due = period_end_ms
+    for expires in expiries:  # a loop, not min() over a built list: twice a report
         if expires is not None and (due is None or expires < due):
             due = expires
     return due
 
 
-def earliest_due_ms(period_end_ms: int | None, expiries: Iterable[int | None]) -> int | None:
-    """The earliest of a period's end and grant expiries, None standing for "never"."""
-    times = [t for t in (period_end_ms, *expiries) if t is not None]
-    return min(times, default=None)
+_expires = attrgetter("expires_ms")
 
 
 def _expire(pool: Pool, at_ms: int) -> Outcome:
