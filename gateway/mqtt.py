@@ -284,8 +284,8 @@ class MqttClient:
         """Read what has arrived: packet after packet while each call handles one (paho
         reads one packet a call when it has nothing of its own in flight), until the
         socket is empty or reading is paused. The socket's readiness is level-triggered:
-        what is left after READS_PER_TURN wakes us again, except for what TLS has already
-        decrypted (:meth:`_read_pending`)."""
+        what is left after READS_PER_TURN wakes us again, except for bytes already taken
+        from the kernel, read ahead or decrypted by TLS (:meth:`_read_pending`)."""
         read = self._client.loop_read
         for _ in range(READS_PER_TURN):
             if not self._reading:  # paused (flow control) or closed meanwhile
