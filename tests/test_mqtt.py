@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import BrokerError
-from gateway.mqtt import READS_PER_TURN, BrokerUrl, Incoming, MqttClient, _ReadAhead
-from tests.helpers import Listener, free_port, unique_prefix
+from gateway.mqtt import MESSAGES_PER_TURN, BrokerUrl, Incoming, MqttClient, _Reader
+from gateway.mqtt_packets import Publish
+from tests.helpers import Listener, free_port, mqtt_packet, unique_prefix
 
 TIMEOUT = 10.0
 LOCALHOST = ip_address("127.0.0.1")
@@ -214,18 +215,9 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _remaining_length(size: int) -> bytes:
-    out = bytearray()
-    while True:
-        size, digit = divmod(size, 128)
-        out.append(digit | (0x80 if size else 0))
-        if not size:
-            return bytes(out)
-
-
 def _publish_qos0(topic: str, payload: bytes) -> bytes:
     body = len(topic).to_bytes(2, "big") + topic.encode() + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    return mqtt_packet(0x30, body)
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "tcp"])
@@ -235,7 +227,7 @@ async def test_bytes_already_read_from_the_kernel_are_handled_without_a_new_wake
     cert, key = _self_signed(tmp_path)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
-    count = 3 * READS_PER_TURN
+    count = 3 * MESSAGES_PER_TURN
     burst = b"".join(_publish_qos0("tls/t", b"%d" % i) for i in range(count))
     assert len(burst) < 16_000  # one TLS record, one read ahead: taken all at once
 
@@ -267,7 +259,7 @@ async def test_bytes_already_read_from_the_kernel_are_handled_without_a_new_wake
         await server.wait_closed()
 
 
-# --- the read-ahead itself ----------------------------------------------------------------
+# --- the reader itself -------------------------------------------------------------------
 
 
 class _CountingSocket:
@@ -284,27 +276,41 @@ class _CountingSocket:
         return self.sock.fileno()
 
 
-def test_read_ahead_serves_many_small_reads_from_one_system_call() -> None:
+def _paho_reads(reading: _Reader) -> bytes:
+    """One packet read as paho reads it: its first byte, its length, then the rest."""
+    head = reading.recv(1) + reading.recv(1)
+    return head + reading.recv(head[1]) if head[1] else head
+
+
+def test_the_reader_takes_messages_out_and_hands_paho_the_rest_whole() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
         counting = _CountingSocket(ours)
-        reading = _ReadAhead(counting)
-        packets = [_publish_qos0("t", b"%d" % i) for i in range(50)]
-        theirs.sendall(b"".join(packets))
+        delivered: list[Publish] = []
+        reading = _Reader(counting, lambda m: delivered.append(m) or len(delivered) != 30)
+        messages = [_publish_qos0("t", b"%d" % i) for i in range(50)]
+        suback, pingresp = b"\x90\x03\x00\x01\x01", b"\xd0\x00"
+        theirs.sendall(b"".join([*messages[:20], suback, *messages[20:], pingresp]))
         select.select([ours], [], [], TIMEOUT)
-        got = []
-        for _ in packets:  # as paho reads: the first byte, the length, the rest
-            head = reading.recv(1) + reading.recv(1)
-            got.append(head + reading.recv(head[1]))
-            assert reading.pending() == sum(map(len, packets[len(got) :]))
-        assert got == packets
+
+        assert _paho_reads(reading) == suback  # the first twenty delivered on the way
+        assert [m.payload for m in delivered] == [b"%d" % i for i in range(20)]
+        with pytest.raises(BlockingIOError):  # the 30th said stop: the rest is held
+            reading.recv(1)
+        assert len(delivered) == 30
+        assert reading.pending() == sum(map(len, messages[30:])) + len(pingresp)
+        assert _paho_reads(reading) == pingresp  # taken up again on the next read
+        assert [m.payload for m in delivered] == [b"%d" % i for i in range(50)]
+        assert delivered[0] == Publish("t", b"0", 0, 0, False)
         assert counting.calls == 1
+        assert reading.pending() == 0
         assert reading.fileno() == ours.fileno()  # everything else is the socket's
         with pytest.raises(BlockingIOError):  # nothing held, nothing in the kernel
             reading.recv(1)
-        theirs.sendall(b"ab")
+        assert counting.calls == 2
+        theirs.sendall(pingresp + pingresp[:1])
         theirs.shutdown(socket.SHUT_WR)
         select.select([ours], [], [], TIMEOUT)
-        assert reading.recv(5) == b"ab"
+        assert _paho_reads(reading) == pingresp
         assert reading.recv(1) == b""  # the end of the stream, as socket.recv says it
