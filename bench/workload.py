@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -113,7 +113,7 @@ def provisioned(device: BenchDevice, tokens: int, now_ms: int) -> tuple[Device, 
         fresh, outcome.pool, DEFAULT_LADDER, now_ms, why="provisioned", force=True
     )
     assert control is not None  # forced
-    return replace(fresh, control=control, control_sent=control.seq), outcome
+    return fresh._replace(control=control, control_sent=control.seq), outcome
 
 
 def write_ledger(path: Path, groups: Sequence[tuple[Sequence[BenchDevice], int]]) -> None:

@@ -46,13 +46,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from operator import attrgetter
 from typing import Literal, NamedTuple
 
 from gateway.pricing import format_price
-from gateway.values import evolve
 
 Policy = Literal["prepaid", "overage", "payg"]
 POLICIES: tuple[Policy, ...] = ("prepaid", "overage", "payg")
@@ -90,8 +89,7 @@ class TopUpRule:
     tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class GrantState:
+class GrantState(NamedTuple):
     """A credit and what is left of it. ``expires_ms`` None: lives until a period reset."""
 
     seq: int
@@ -108,8 +106,7 @@ class GrantState:
         return (self.priority, self.expires_ms is None, self.expires_ms or 0, self.seq)
 
 
-@dataclass(frozen=True, slots=True)
-class Pool:
+class Pool(NamedTuple):
     """One allocation's state (see the module docstring for the meaning of each number)."""
 
     key: str
@@ -206,8 +203,7 @@ def configure(pool: Pool, settings: PoolSettings, now_ms: int) -> Pool:
     """``pool`` under new settings. The running numbers are kept; a new period rule takes
     the period holding ``now_ms`` as the current one (its first reset is the next
     boundary); thresholds already fired this period stay fired."""
-    configured = replace(
-        pool,
+    configured = pool._replace(
         policy=settings.policy,
         overage_cap=settings.overage_cap if settings.policy == "overage" else 0,
         thresholds=tuple(sorted(set(settings.thresholds))),
@@ -253,8 +249,8 @@ def credit(
         pool.next_seq, kind, tokens, tokens - min(tokens, debt), priority, expires_ms, now_ms
     )
     grants = pool.grants + ((grant,) if grant.remaining > 0 else ())
-    credited = replace(
-        pool, allocation=pool.allocation + tokens, grants=grants, next_seq=pool.next_seq + 1
+    credited = pool._replace(
+        allocation=pool.allocation + tokens, grants=grants, next_seq=pool.next_seq + 1
     )
     credited = _rearm(credited)
     movement = Movement(
@@ -270,12 +266,12 @@ def settle(pool: Pool, now_ms: int) -> Outcome:
     if owed <= 0:
         return Outcome(pool)
     movement = Movement(pool.key, pool.account, "settle", owed, now_ms)
-    return Outcome(replace(pool, settled=pool.settled + owed), (movement,))
+    return Outcome(pool._replace(settled=pool.settled + owed), (movement,))
 
 
 def _rearm(pool: Pool) -> Pool:
     if pool.topup is not None and not pool.topup_armed and pool.balance >= pool.topup.floor:
-        return replace(pool, topup_armed=True)
+        return pool._replace(topup_armed=True)
     return pool
 
 
@@ -295,12 +291,12 @@ def debit(pool: Pool, tokens: int) -> tuple[Pool, Burn]:
         take = min(left, grant.remaining)
         left -= take
         if grant.remaining > take:
-            kept.append(grant if take == 0 else evolve(grant, remaining=grant.remaining - take))
+            kept.append(grant if take == 0 else grant._replace(remaining=grant.remaining - take))
     overage = left if pool.policy != "prepaid" else 0
     if len(kept) > 1:
         kept.sort(key=_seq)
-    debited = evolve(
-        pool, used=pool.used + tokens, overage=pool.overage + overage, grants=tuple(kept)
+    debited = pool._replace(
+        used=pool.used + tokens, overage=pool.overage + overage, grants=tuple(kept)
     )
     return debited, Burn(tokens, overage)
 
@@ -329,9 +325,9 @@ def after_debit(pool: Pool, now_ms: int, device: str | None = None) -> Outcome:
                     device=device,
                 ))
             )  # fmt: skip
-    outcome = Outcome(replace(pool, fired=tuple(fired)), (), tuple(alerts))
+    outcome = Outcome(pool._replace(fired=tuple(fired)), (), tuple(alerts))
     if rule is not None and topup_due:
-        disarmed = replace(outcome.pool, topup_armed=False)
+        disarmed = outcome.pool._replace(topup_armed=False)
         topped = credit(disarmed, rule.tokens, now_ms, kind="topup")
         alert = Alert("topup", pool.key, now_ms, _details(
             tokens=rule.tokens, floor=rule.floor, balance=topped.pool.balance, device=device,
@@ -390,7 +386,7 @@ def _expire(pool: Pool, at_ms: int) -> Outcome:
     gone = [g for g in pool.grants if g.expires_ms is not None and g.expires_ms <= at_ms]
     lost = sum(g.remaining for g in gone)
     kept = tuple(g for g in pool.grants if g not in gone)
-    expired = _rearm(replace(pool, grants=kept, forfeited=pool.forfeited + lost))
+    expired = _rearm(pool._replace(grants=kept, forfeited=pool.forfeited + lost))
     movement = Movement(pool.key, pool.account, "forfeit", lost, at_ms)
     alert = Alert("grant_expired", pool.key, at_ms, _details(
         tokens=lost, grants=[g.seq for g in gone], balance=expired.balance,
@@ -415,8 +411,7 @@ def _reset(pool: Pool, at_ms: int) -> Outcome:
         grants += (GrantState(seq, "rollover", rolled, rolled, 0, end, at_ms),)
         seq += 1
     balance = pool.balance - (left - rolled)
-    pool = replace(
-        pool,
+    pool = pool._replace(
         period_start_ms=at_ms,
         period_end_ms=end,
         allocation=max(balance, 0),
@@ -457,9 +452,8 @@ def configure_period(pool: Pool, rule: PeriodRule | None, now_ms: int) -> Pool:
     """``pool`` under a new period rule: the current period is the one holding ``now_ms``
     (its numbers are kept; the next boundary resets them)."""
     if rule is None:
-        return replace(pool, period=None, period_end_ms=None)
-    return replace(
-        pool,
+        return pool._replace(period=None, period_end_ms=None)
+    return pool._replace(
         period=rule,
         period_start_ms=period_start(rule, now_ms),
         period_end_ms=next_boundary(rule, now_ms),

@@ -56,7 +56,6 @@ from gateway.packing import (
 )
 from gateway.records import Records
 from gateway.statement import HOUR_MS, Evidence
-from gateway.values import evolve
 from gateway.views import Event
 from gateway.wire import (
     MAX_UINT,
@@ -481,7 +480,7 @@ def _charge_one(
         result.events.append(Event("unpriced_meter", device.id, now_ms, {"meter": meter}))
     if not outcome.lines:
         result.duplicates += 1
-        result.devices[device.id] = evolve(device, last_report_ms=now_ms)
+        result.devices[device.id] = device._replace(last_report_ms=now_ms)
         return None
     result.charged += 1
     result.tokens += tokens
@@ -521,7 +520,7 @@ def _with_control(
     result.controls.append(control)
     previous = device.control.state if device.control else "ok"
     result.events.append(transition_event(device.id, previous, control))
-    return evolve(device, control=control)
+    return device._replace(control=control)
 
 
 def transition_event(device: str, previous: str, control: ControlMessage) -> Event:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 from gateway.economics import Movement, Pool
@@ -155,7 +155,7 @@ def pack_snapshot(
     for mark in highs:
         marks[mark.device].append((mark.boot, mark.meter, mark.high))
     return PackedSnapshot(
-        {d.id: pack_device(replace(d, highs=tuple(sorted(marks[d.id])))) for d in devices},
+        {d.id: pack_device(d._replace(highs=tuple(sorted(marks[d.id])))) for d in devices},
         {pool.key: pack_pool(pool) for pool in pools},
     )
 
@@ -168,7 +168,7 @@ def unpack_snapshot(packed: PackedSnapshot) -> Snapshot:
     for device_id, data in packed.devices.items():
         device = unpack_device(device_id, data, names)
         highs.extend(HighMark(device_id, b, m, h) for b, m, h in device.highs)
-        devices.append(replace(device, highs=()))
+        devices.append(device._replace(highs=()))
     pools = [unpack_pool(key, data, names) for key, data in packed.pools.items()]
     return Snapshot(devices, highs, pools)
 
@@ -253,7 +253,7 @@ class MemoryLedger:
 
     async def commit(self, write: LedgerWrite) -> None:
         self._check(write)  # first, so that a refused write applies nothing
-        self.devices.update((device.id, replace(device, highs=())) for device in write.devices)
+        self.devices.update((device.id, device._replace(highs=())) for device in write.devices)
         self.pools.update((pool.key, pool) for pool in write.pools)
         self.highs.update(((h.device, h.boot, h.meter), h.high) for h in write.highs)
         self.debits.extend(write.debits)

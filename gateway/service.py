@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -346,7 +345,7 @@ class MeteringService:
             self._pending_controls = {}
         device = self.registry.devices.get(sent[0])
         if device is not None and device.control_sent < sent[1]:
-            self.registry.devices[device.id] = replace(device, control_sent=sent[1])
+            self.registry.devices[device.id] = device._replace(control_sent=sent[1])
 
     def publish_event(self, event: Event) -> None:
         """Publish an operator event. ``rejected`` events are limited to
@@ -451,7 +450,7 @@ class MeteringService:
             control = next_control(
                 device, pool, self.pricing.ladder, now, why="provisioned", force=True
             )
-            device = replace(device, control=control)
+            device = device._replace(control=control)
             write.devices.append(device)
             await self._commit_admin(write)
             if self._receiver is not None:
@@ -554,10 +553,10 @@ class MeteringService:
             if device.revoked:
                 return device
             now = self._clock()
-            device = replace(device, revoked=True, updated_ms=now)
+            device = device._replace(revoked=True, updated_ms=now)
             pool = self.registry.pool_of(device)
             control = next_control(device, pool, self.pricing.ladder, now, force=True)
-            device = replace(device, control=control)
+            device = device._replace(control=control)
             await self._commit_admin(LedgerWrite(devices=[device]))
             self.metrics.devices.dec()
         self._announce(device, Event("device_revoked", device_id, now))

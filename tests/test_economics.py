@@ -16,7 +16,6 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -585,7 +584,7 @@ def test_configure_keeps_the_running_numbers_and_only_what_still_applies() -> No
     assert p.thresholds == (Fraction(1, 4), Fraction(1, 2))
     p = after_debit(debit(p, 30)[0], T0).pool
     assert p.fired == (Fraction(1, 4),)
-    p = replace(p, topup=topup, topup_armed=False)
+    p = p._replace(topup=topup, topup_armed=False)
     same = configure(
         p, PoolSettings(period=rule, thresholds=(Fraction(1, 4),), topup=topup), T0 + DAY
     )

@@ -5,7 +5,6 @@ as values; the registry is left alone). Also the topic parsing and operator view
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from fractions import Fraction
 
 import msgpack
@@ -55,7 +54,7 @@ def provisioned(name: str, allocation: int = 1000, **changes: object) -> Device:
     device = Device(name, public, f"acct-{name}", name, 0, T, T)
     ALLOCATIONS[name] = allocation
     first = next_control(device, pool_of(name), DEFAULT_LADDER, T, why="provisioned", force=True)
-    return replace(device, control=first, **changes)  # type: ignore[arg-type]
+    return device._replace(control=first, **changes)  # type: ignore[arg-type]
 
 
 def pool_of(name: str) -> Pool:
@@ -182,11 +181,11 @@ def test_a_batch_is_charged_in_order_into_one_write_without_touching_the_registr
 
 
 def test_a_duplicate_writes_no_debit_but_records_that_the_device_reported() -> None:
-    dev = replace(provisioned("dev-1"), used=2, highs=((1, "api_calls", 150),))
+    dev = provisioned("dev-1")._replace(used=2, highs=((1, "api_calls", 150),))
     result = charge_batch([report({"api_calls": 150})], registry(dev), PRICING, NOW)
     assert (result.charged, result.duplicates, result.tokens) == (0, 1, 0)
     assert (result.write.debits, result.write.highs, result.controls) == ([], [], [])
-    assert result.devices["dev-1"] == replace(dev, last_report_ms=NOW)
+    assert result.devices["dev-1"] == dev._replace(last_report_ms=NOW)
 
 
 def test_usage_is_attributed_to_a_plausible_device_clock_else_to_receipt() -> None:
@@ -215,7 +214,7 @@ def test_rejected_items_become_rejected_events_with_their_reason() -> None:
 
 def test_a_device_revoked_or_removed_since_verification_is_rejected_at_charging() -> None:
     reg = registry()
-    reg.devices["dev-1"] = replace(reg.devices["dev-1"], revoked=True)
+    reg.devices["dev-1"] = reg.devices["dev-1"]._replace(revoked=True)
     del reg.devices["dev-2"]
     items = [report({"api_calls": 100}), report({"api_calls": 100}, device="dev-2")]
     result = charge_batch(items, reg, PRICING, NOW)
@@ -340,7 +339,7 @@ def test_events_and_device_state_are_json_with_rfc3339_times() -> None:
         "ok", 1000, 15, 85,
     )  # fmt: skip
     assert state["last_report_at"] is None
-    revoked = json.loads(state_json(replace(dev, revoked=True), pool))
+    revoked = json.loads(state_json(dev._replace(revoked=True), pool))
     assert revoked["state"] == "revoked"
 
 

@@ -12,7 +12,6 @@ import sqlite3
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,7 @@ async def test_writes_combined_into_one_commit_as_if_committed_one_by_one(
             evidence=evidence[:1],
         ),
         LedgerWrite(
-            devices=[replace(device("a"), used=90)],
+            devices=[device("a")._replace(used=90)],
             pools=[Pool("a", "acme", allocation=100, used=9)],
             highs=[HighMark("a", 1, "x", 9), HighMark("a", 2, "x", 1)],
             debits=[debit("a", "x", 5, 9, 4, T0 + 1)],
@@ -540,7 +539,7 @@ async def test_pools_are_upserted_and_come_back_whole(ledger: Ledger) -> None:
     )  # fmt: skip
     simple = Pool("a", "acme")
     await ledger.commit(LedgerWrite(pools=[pool, simple]))
-    changed = replace(simple, used=9, grants=(), next_seq=2)
+    changed = simple._replace(used=9, grants=(), next_seq=2)
     await ledger.commit(LedgerWrite(pools=[changed]))
     assert sorted((await ledger.load()).pools, key=lambda p: p.key) == [pool, changed]
 
@@ -630,7 +629,7 @@ async def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         found = await ledger.find_grant("a", "k")
         assert found is not None
         assert (found.tokens, found.grant_kind) == (20, "refill")
-        await ledger.commit(LedgerWrite(devices=[replace(snapshot.devices[0], used=31)]))
+        await ledger.commit(LedgerWrite(devices=[snapshot.devices[0]._replace(used=31)]))
     finally:
         await ledger.close()
     again = SqliteLedger(path)  # opened again: schema 2, nothing migrated twice

@@ -4,7 +4,6 @@ inputs are never changed."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -123,16 +122,16 @@ def device(
     if control:
         level = decide_level(dev, pool(allocation, used), DEFAULT_LADDER)
         message = ControlMessage("dev-1", 7, 0, level.state, level.rate_permille, 0, level.why)
-        dev = replace(dev, control=message)
+        dev = dev._replace(control=message)
     return dev
 
 
 def test_highs_are_kept_per_boot_epoch_and_raised_one_epoch_at_a_time() -> None:
     first = device()
-    dev = replace(first, highs=raised_highs(first, 2, {"b_meter": 5, "a_meter": 9}))
-    dev = replace(dev, highs=raised_highs(dev, 1, {"a_meter": 3}))
+    dev = first._replace(highs=raised_highs(first, 2, {"b_meter": 5, "a_meter": 9}))
+    dev = dev._replace(highs=raised_highs(dev, 1, {"a_meter": 3}))
     assert dev.highs == ((1, "a_meter", 3), (2, "a_meter", 9), (2, "b_meter", 5))  # sorted
-    raised = replace(dev, highs=raised_highs(dev, 2, {"a_meter": 12}))
+    raised = dev._replace(highs=raised_highs(dev, 2, {"a_meter": 12}))
     assert raised.highs_of(2) == {"a_meter": 12, "b_meter": 5}
     assert raised.highs_of(1) == {"a_meter": 3}
     assert raised.highs_of(3) == {}
@@ -145,18 +144,18 @@ def test_debit_returns_a_new_record_counting_in_the_pools_period() -> None:
     assert (debited.used, debited.last_report_ms, debited.updated_ms) == (17, T, T)
     assert device_balance(debited, pool(100, 17)) == 83
     assert dev.used == 10
-    next_period = replace(pool(100, 17), period_start_ms=T + 1)
+    next_period = pool(100, 17)._replace(period_start_ms=T + 1)
     assert used_now(debited, next_period) == 0  # a new period: the old count is stale
     assert debit(debited, next_period, 3, T + 2).used == 3
 
 
 def test_a_cap_binds_before_the_pool() -> None:
-    capped = replace(device(100, 0), pool="@acme", cap=30, used=29)
+    capped = device(100, 0)._replace(pool="@acme", cap=30, used=29)
     shared = pool(1000, 29)
     assert device_balance(capped, shared) == 1
     level = decide_level(capped, shared, DEFAULT_LADDER)
     assert (level.state, level.rate_permille) == ("throttle", 200)  # 1 of 30 is under 5%
-    blocked = decide_level(replace(capped, used=30), pool(1000, 30), DEFAULT_LADDER)
+    blocked = decide_level(capped._replace(used=30), pool(1000, 30), DEFAULT_LADDER)
     assert (blocked.state, blocked.why) == ("block", "cap_reached")
 
 
@@ -237,9 +236,9 @@ def test_a_level_change_takes_the_next_number_and_states_the_balance() -> None:
     dev = device(100, 10, control=True)
     low = next_control(dev, pool(100, 85), DEFAULT_LADDER, T + 5)
     assert low == ControlMessage("dev-1", 8, T + 5, "throttle", 500, 15, "low_balance")
-    lower = next_control(replace(dev, control=low), pool(100, 96), DEFAULT_LADDER, T + 6)
+    lower = next_control(dev._replace(control=low), pool(100, 96), DEFAULT_LADDER, T + 6)
     assert lower == ControlMessage("dev-1", 9, T + 6, "throttle", 200, 4, "low_balance")
-    blocked = next_control(replace(dev, control=lower), pool(100, 103), DEFAULT_LADDER, T + 7)
+    blocked = next_control(dev._replace(control=lower), pool(100, 103), DEFAULT_LADDER, T + 7)
     assert blocked == ControlMessage("dev-1", 10, T + 7, "block", 0, -3, "exhausted")
 
 
@@ -259,7 +258,7 @@ def test_the_given_reason_applies_only_to_an_ok_level() -> None:
 
 
 def test_revocation_blocks_with_reason_revoked() -> None:
-    dev = replace(device(100, 10, control=True), revoked=True)
+    dev = device(100, 10, control=True)._replace(revoked=True)
     message = next_control(dev, pool(100, 10), DEFAULT_LADDER, T, force=True)
     assert message is not None
     assert (message.seq, message.state, message.rate_permille, message.why) == (

@@ -9,7 +9,6 @@ commit (apply + unstage) the oldest staged batch at points hypothesis chooses.""
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +29,7 @@ def fresh_registry(allocation: int, shared: bool) -> Registry:
     if shared:
         key = shared_pool_key("acme")
         pool = credit(Pool(key, "acme"), 2 * allocation, T, kind="initial").pool
-        devices = [replace(d, account="acme", pool=key) for d in devices]
+        devices = [d._replace(account="acme", pool=key) for d in devices]
         reg.apply({d.id: d for d in devices}, [pool])
     else:
         pools = [credit(Pool(d.id, d.account), allocation, T, kind="initial").pool for d in devices]
