@@ -84,12 +84,17 @@ class Session:
         self.background[name] = round(watch.foreign_cores(), 3)
 
     def floors(self, rig: Rig, verified: verify.VerifyFloor) -> None:
-        """The receive floor (best of the rounds); with the verify floor, the ceiling."""
+        """The receive floor (best of the rounds); with the verify floor, the ceiling.
+        Also the gateway's own client's receive floor, rounds alternated with paho's."""
         rounds = self.args.rounds
-        with self.phase("receive", f"receive floor, best of {rounds}"):
-            drains = [phases.receive_floor(rig, f"floor{i}", self.backlog) for i in range(rounds)]
+        with self.phase("receive", f"receive floors, best of {rounds}"):
+            drains, readers = [], []
+            for i in range(rounds):
+                drains.append(phases.receive_floor(rig, f"floor{i}", self.backlog))
+                readers.append(phases.receive_floor_reader(rig, f"reader{i}", self.backlog))
             receive, broker_cpu = max(drains, key=lambda pair: pair[0].rate)
-        self.results |= report.floor_results(verified, receive, broker_cpu)
+            reader = max(readers, key=lambda each: each.rate)
+        self.results |= report.floor_results(verified, receive, broker_cpu, reader)
         self.details["verify_parallelism"] = verified.parallelism
         self.details["verify_workers"] = verified.workers
 
@@ -111,7 +116,10 @@ class Session:
         self.details["ceilings_after"] = [round(each) for each in after]
         self.details["paired_ratios"] = [round(each, 3) for each in ratios]
         self.details["steady_rounds"] = steady
-        self.results |= report.drain_results(best, float(self.results["ceiling_per_s"] or 1))
+        ceiling, reader_ceiling = (
+            float(self.results[key] or 1) for key in ("ceiling_per_s", "ceiling_reader_per_s")
+        )
+        self.results |= report.drain_results(best, ceiling, reader_ceiling)
         self.results["drain_ratio_paired"] = report.paired_ratio(ratios, steady)
         if self.args.profile:
             self.profile(rig, self.args.profile)

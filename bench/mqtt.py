@@ -12,18 +12,19 @@ has a timeout and raises :class:`BenchError` when it runs out.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.mqtt import BrokerUrl
+from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 
 
 class BenchError(RuntimeError):
@@ -188,6 +189,53 @@ def drain_bare(
         _wait(done, timeout, lambda: f"bare subscriber received {count[0]} of {expected}")
         seconds = time.perf_counter() - connected[0]
         cpu = time.process_time() - connected[1]
+    return Drained(expected, seconds, cpu)
+
+
+def drain_reader(
+    url: str, client_id: str, topic_filter: str, expected: int, timeout: float = 300
+) -> Drained:
+    """The gateway's own receive floor: as :func:`drain_bare`, but with the client the
+    gateway receives with (``gateway.mqtt.MqttClient``: messages taken out of the byte
+    stream before paho, the PUBACKs of a turn of its loop in one write), only counting."""
+    return asyncio.run(_drain_reader(url, client_id, topic_filter, expected, timeout))
+
+
+class _Counting:
+    """Stands in for the client's inbox: counts what is put in it, keeps nothing."""
+
+    def __init__(self, expected: int) -> None:
+        self.count, self.expected, self.done = 0, expected, asyncio.Event()
+
+    def put_nowait(self, message: Incoming) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.done.set()
+
+
+async def _drain_reader(
+    url: str, client_id: str, topic_filter: str, expected: int, timeout: float
+) -> Drained:
+    counting = _Counting(expected)
+    connected = [0.0, 0.0]  # wall clock, CPU clock at CONNACK
+
+    def on_ready() -> None:
+        connected[:] = [time.perf_counter(), time.process_time()]
+
+    inbox = cast("asyncio.Queue[Incoming]", counting)
+    client = MqttClient(
+        BrokerUrl.parse(url), client_id, persistent=True, inbox=inbox, on_connect=on_ready
+    )
+    client.subscribe(topic_filter)
+    await client.connect()
+    try:
+        await asyncio.wait_for(counting.done.wait(), timeout)
+    except TimeoutError:
+        raise BenchError(f"the gateway's client received {counting.count} of {expected}") from None
+    finally:
+        seconds = time.perf_counter() - connected[0]
+        cpu = time.process_time() - connected[1]
+        await client.disconnect()
     return Drained(expected, seconds, cpu)
 
 

@@ -148,6 +148,13 @@ def receive_floor(rig: Rig, name: str, reports: Sequence[Signed]) -> tuple[Drain
     return drained, rig.broker_cpu() - broker_cpu
 
 
+def receive_floor_reader(rig: Rig, name: str, reports: Sequence[Signed]) -> Drained:
+    """:func:`receive_floor` with the gateway's own client instead of bare paho."""
+    topics, client_id = Topics(f"bench/{name}"), f"bench-{name}"
+    queue_backlog(rig, client_id, topics, reports)
+    return mqtt.drain_reader(rig.broker, client_id, topics.all_usage, len(reports))
+
+
 def drain(
     rig: Rig,
     name: str,

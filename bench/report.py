@@ -66,8 +66,11 @@ def _batches(prefix: str, batches: Batches, reports: int, seconds: float) -> dic
     }
 
 
-def floor_results(floor: VerifyFloor, receive: Drained, broker_cpu: float) -> dict[str, Number]:
-    """The floors and the ceiling they imply."""
+def floor_results(
+    floor: VerifyFloor, receive: Drained, broker_cpu: float, reader: Drained
+) -> dict[str, Number]:
+    """The floors and the ceiling they imply; also, for comparison, the receive floor of
+    the gateway's own client (``reader``) and the ceiling it would imply."""
     return {
         "verify_one_core_per_s": floor.one_core,
         "verify_all_cores_per_s": floor.all_cores,
@@ -81,14 +84,19 @@ def floor_results(floor: VerifyFloor, receive: Drained, broker_cpu: float) -> di
         "receive_floor_broker_cpu_us_per_report": _micros(broker_cpu, receive.count) or None,
         "ceiling_per_s": ceiling(receive.rate, floor.sodium_all_cores),
         "ceiling_openssl_per_s": ceiling(receive.rate, floor.all_cores),
+        "receive_floor_reader_per_s": reader.rate,
+        "receive_floor_reader_cpu_us_per_report": _micros(reader.cpu_seconds, reader.count),
+        "ceiling_reader_per_s": ceiling(reader.rate, floor.sodium_all_cores),
     }
 
 
-def drain_results(drain: Drain, ceiling_rate: float) -> dict[str, Number]:
-    """The gateway's drain, and its ratio to the ceiling."""
+def drain_results(drain: Drain, ceiling_rate: float, reader_ceiling: float) -> dict[str, Number]:
+    """The gateway's drain, and its ratios to the ceiling and to the one its own client's
+    receive floor implies."""
     return {
         "drain_per_s": drain.rate,
         "drain_ratio": drain.rate / ceiling_rate,
+        "drain_ratio_reader": drain.rate / reader_ceiling,
         "drain_cpu_us_per_report": _micros(drain.gateway_cpu, drain.reports),
         "drain_gateway_cores": drain.gateway_cpu / drain.seconds,
         "drain_loop_cores": drain.loop_cpu / drain.seconds,
@@ -212,9 +220,12 @@ ROWS = (
     Row("receive floor (bare paho)", "receive_floor_per_s", "{:,.0f} /s"),
     Row("ceiling 1/(1/recv + 1/verify)", "ceiling_per_s", "{:,.0f} /s"),
     Row("  with OpenSSL's verify", "ceiling_openssl_per_s", "{:,.0f} /s"),
+    Row("receive floor (gateway's client)", "receive_floor_reader_per_s", "{:,.0f} /s"),
+    Row("  ceiling with it", "ceiling_reader_per_s", "{:,.0f} /s"),
     Row("gateway drain", "drain_per_s", "{:,.0f} /s", ">= 8,000 /s", (">=", 8000)),
     Row("drain / ceiling (best / best)", "drain_ratio", "{:.2f}"),
     Row("drain / ceiling, round by round", "drain_ratio_paired", "{:.2f}", ">= 0.80", (">=", 0.8)),
+    Row("drain / ceiling with its client", "drain_ratio_reader", "{:.2f}"),
     Row("gateway CPU per report", "drain_cpu_us_per_report", "{:.0f} us"),
     Row("gateway cores in use", "drain_gateway_cores", "{:.2f}"),
     Row("  event loop thread", "drain_loop_cores", "{:.2f}"),

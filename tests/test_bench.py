@@ -21,6 +21,7 @@ MEASURED = [
     "drain_gateway_cores", "drain_startup_s", "drain_batches", "latency_offered_per_s",
     "latency_achieved_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
     "latency_max_ms", "charge_latency_samples", "latency_floor_samples", "latency_floor_p99_ms",
+    "receive_floor_reader_per_s", "ceiling_reader_per_s", "drain_ratio_reader",
 ]  # fmt: skip
 MEMORY = ["memory_devices", "rss_baseline_mib", "rss_mib", "rss_bytes_per_device", "startup_s"]
 
