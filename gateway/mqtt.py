@@ -124,7 +124,7 @@ class _Reader:
     zero. Everything else goes to the socket.
     """
 
-    __slots__ = ("_at", "_deliver", "_ended", "_packets", "_paho", "_sock")
+    __slots__ = ("_at", "_deliver", "_ended", "_packets", "_paho", "_sock", "handed", "received")
 
     def __init__(self, sock: Any, deliver: Callable[[Publish], bool]) -> None:
         self._sock = sock
@@ -133,6 +133,8 @@ class _Reader:
         self._paho = b""  # whole packets for paho, from _at on
         self._at = 0
         self._ended = False  # the socket said end of stream
+        self.handed = 0  # packets handed to paho so far
+        self.received = 0  # bytes read from the socket so far
 
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes of the packets meant for paho; raises what the socket
@@ -159,9 +161,11 @@ class _Reader:
                     return
                 data = self._sock.recv(READ_AHEAD)  # raises when there is nothing
                 self._ended, read = not data, True
+                self.received += len(data)
                 packets.feed(data)
             elif type(packet) is bytes:
                 self._paho, self._at = packet, 0
+                self.handed += 1
                 return
             elif not deliver(packet):  # type: ignore[arg-type]
                 return
@@ -321,20 +325,23 @@ class MqttClient:
         is paused. The socket's readiness is level-triggered: what is left after a turn
         wakes us again, except for bytes already taken from the kernel, held by the
         reader or decrypted by TLS (:meth:`_read_pending`)."""
-        read = self._client.loop_read
+        if not self._reading:  # paused or closed since this was scheduled
+            return
+        read, reader = self._client.loop_read, self._socket
         self._budget = MESSAGES_PER_TURN
+        received = reader.received
         try:
             for _ in range(READS_PER_TURN):
                 if not self._reading or self._budget <= 0:  # paused or closed, or turn used up
                     break
-                self._progress = False
+                self._progress, handed = False, reader.handed
                 if read() != paho.MQTT_ERR_SUCCESS:
                     return
-                if not self._progress:  # nothing more (the socket, TLS too, was empty)
-                    return
+                if not self._progress and reader.handed == handed:
+                    return  # nothing more (the socket, TLS too, was empty)
         finally:
-            if self._budget < MESSAGES_PER_TURN:
-                # paho's keep-alive counts the bytes it reads itself (its time source).
+            if reader.received != received:
+                # paho's keep-alive counts only the bytes it reads itself (its time source).
                 self._client._last_bytes_received = time.monotonic()
         self._read_pending()
 
@@ -384,7 +391,8 @@ class MqttClient:
             topic = message.topic
         except UnicodeDecodeError:  # brokers refuse these; never let it break the read
             topic = ""
-        self._received(topic, bytes(message.payload), message.mid, message.qos, message.retain)
+        payload, retain = bytes(message.payload), bool(message.retain)
+        self._received(topic, payload, message.mid, message.qos, retain)
 
     def _received(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
         self._progress = True

@@ -72,13 +72,14 @@ class PacketBuffer:
     piece.
     """
 
-    __slots__ = ("_at", "_data", "_queued", "_queued_bytes")
+    __slots__ = ("_at", "_broken", "_data", "_queued", "_queued_bytes")
 
     def __init__(self) -> None:
         self._data = b""
         self._at = 0
         self._queued: list[bytes] = []
         self._queued_bytes = 0
+        self._broken = False  # a length was not MQTT: no packet boundary can be trusted
 
     def __len__(self) -> int:
         """Bytes held: fed and not yet taken."""
@@ -92,8 +93,10 @@ class PacketBuffer:
 
     def next_packet(self) -> Publish | bytes | None:
         """Take the next packet: a QoS 0 or 1 PUBLISH decoded, any other packet as its
-        bytes (after a malformed length: every byte held), or None while it has not
-        fully arrived."""
+        bytes, or None while it has not fully arrived. From a malformed length on, every
+        byte held comes out as it is (for paho to refuse; the connection is lost)."""
+        if self._broken:
+            return self._take_all() if len(self) else None
         data, at = self._data, self._at
         if at < len(data):
             bounds = _header(data, at)
@@ -106,6 +109,7 @@ class PacketBuffer:
                         return publish
                 return data[at:end]
             if bounds is not None and bounds[0] < 0:
+                self._broken = True
                 return self._take_all()
             missing = len(data) + 1 if bounds is None else bounds[0]
             if missing - len(data) > self._queued_bytes:

@@ -259,6 +259,43 @@ async def test_bytes_already_read_from_the_kernel_are_handled_without_a_new_wake
         await server.wait_closed()
 
 
+async def _read_packet(reader: asyncio.StreamReader) -> bytes:
+    """One whole MQTT packet from the client, as a peer reads it."""
+    head = await reader.readexactly(1)
+    length, shift = 0, 0
+    while (byte := (await reader.readexactly(1))[0]) & 0x80:
+        length, shift = length | (byte & 0x7F) << shift, shift + 7
+    return head + await reader.readexactly(length | byte << shift)
+
+
+async def test_messages_behind_a_packet_paho_handles_silently_are_not_left_waiting() -> None:
+    """A PINGRESP calls no callback: the messages read along with it must still be
+    delivered in that turn, not when the next bytes happen to arrive."""
+    messages = [_publish_qos0("t", b"%d" % i) for i in range(3)]
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_packet(reader)  # CONNECT
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        await _read_packet(reader)  # SUBSCRIBE, sent once the client is connected
+        writer.write(b"\xd0\x00" + b"".join(messages))  # PINGRESP first, in one write
+        await reader.read()  # until the client disconnects
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    client = MqttClient(BrokerUrl.parse(f"mqtt://127.0.0.1:{port}"), "quiet", inbox=inbox)
+    try:
+        await client.connect()
+        client.subscribe("t", qos=0)
+        payloads = [(await asyncio.wait_for(inbox.get(), TIMEOUT)).payload for _ in messages]
+        assert payloads == [b"0", b"1", b"2"]
+    finally:
+        await client.disconnect()
+        server.close()
+        await server.wait_closed()
+
+
 # --- the reader itself -------------------------------------------------------------------
 
 

@@ -127,3 +127,16 @@ def test_a_length_of_more_than_four_bytes_hands_over_everything_held() -> None:
     assert buffer.next_packet() == junk  # for paho to refuse: it drops the connection
     assert buffer.next_packet() is None
     assert len(buffer) == 0
+    # Past it no boundary can be trusted: what follows is handed over as it comes, never
+    # read as packets (paho may still be waiting for the rest of that length).
+    buffer.feed(_ONE)
+    assert buffer.next_packet() == _ONE
+    assert buffer.next_packet() is None
+
+
+def test_a_length_cut_off_at_its_fourth_continuation_byte_is_malformed_at_once() -> None:
+    buffer = PacketBuffer()
+    buffer.feed(b"\x30\x80\x80\x80\x80")  # a fifth length byte can only be wrong
+    assert buffer.next_packet() == b"\x30\x80\x80\x80\x80"
+    buffer.feed(_ONE)
+    assert buffer.next_packet() == _ONE  # as bytes, not decoded
