@@ -226,7 +226,6 @@ class MqttClient:
         self._all_confirmed.set()
         self._socket: Any = None  # the socket registered with the loop, if any
         self._reading = False  # its reader is registered
-        self._progress = False  # a packet was handled by the last loop_read
         self._lost = asyncio.Event()  # the socket was closed
         self._accepted = False  # the broker accepted the connection last opened
         self._opening: asyncio.Future[Any] | None = None  # the last connection attempt
@@ -251,7 +250,6 @@ class MqttClient:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
-        self._client.on_subscribe = self._handle_subscribe
         self._client.on_socket_open = self._socket_opened
         self._client.on_socket_close = self._socket_closed
         self._client.on_socket_register_write = self._want_write
@@ -334,11 +332,11 @@ class MqttClient:
             for _ in range(READS_PER_TURN):
                 if not self._reading or self._budget <= 0:  # paused or closed, or turn used up
                     break
-                self._progress, handed = False, reader.handed
+                budget, handed = self._budget, reader.handed
                 if read() != paho.MQTT_ERR_SUCCESS:
                     return
-                if not self._progress and reader.handed == handed:
-                    return  # nothing more (the socket, TLS too, was empty)
+                if self._budget == budget and reader.handed == handed:
+                    return  # no message, no packet for paho: the socket (TLS too) was empty
         finally:
             if reader.received != received:
                 # paho's keep-alive counts only the bytes it reads itself (its time source).
@@ -357,7 +355,6 @@ class MqttClient:
     def _handle_connect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        self._progress = True
         if reason.is_failure:
             log.warning("broker %s refused the connection: %s", self._url, reason)
             return
@@ -372,9 +369,6 @@ class MqttClient:
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self.connected.clear()
-
-    def _handle_subscribe(self, client: Any, userdata: Any, mid: int, *_: Any) -> None:
-        self._progress = True
 
     def _deliver(self, message: Publish) -> bool:
         """A message the reader took (QoS 0 or 1): into the inbox, its PUBACK queued
@@ -395,7 +389,6 @@ class MqttClient:
         self._received(topic, payload, message.mid, message.qos, retain)
 
     def _received(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
-        self._progress = True
         if self._inbox is None:
             return
         self._inbox.put_nowait(Incoming(topic, payload, mid, qos, retain, self._session))
@@ -409,7 +402,6 @@ class MqttClient:
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
-        self._progress = True
         unconfirmed = self._unconfirmed
         unconfirmed.discard(mid)
         if not unconfirmed:
