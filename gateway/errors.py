@@ -18,6 +18,7 @@ Two different things go wrong, and they are kept apart (after httpx ``_exception
     │   ├── Conflict          409: already exists, revoked, idempotency key reused
     │   └── BadRequest        422: a value out of range
     ├── LedgerError           the ledger cannot be opened or written (disk, lock, corruption)
+    │   └── WriterLost        its writer process ended during a transaction (committed or not)
     ├── BrokerError           the broker is unreachable or refused us
     └── ApiUnavailable        the CLI cannot reach the admin web service
 
@@ -102,6 +103,11 @@ class BadRequest(AdminError):
 
 class LedgerError(TokenwellError):
     """The ledger cannot be opened, read or written."""
+
+
+class WriterLost(LedgerError):
+    """The ledger's writer process (gateway.writer) ended while a transaction was with it:
+    whether that transaction committed is unknown until the ledger is read."""
 
 
 class BrokerError(TokenwellError):

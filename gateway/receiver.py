@@ -30,7 +30,7 @@ acknowledgement-after-commit rule:
   dead one are dropped (their ids mean nothing on the new connection); redelivered
   reports debit nothing twice (the charging rule).
 
-Frames are a 4-byte big-endian length, then a msgpack value:
+Frames (gateway.frames) are a 4-byte big-endian length, then a msgpack value:
 
 - gateway → receiver: first the settings (a map), every device's public key in frames
   of ``["keys", [[device, public key], ...]]``, then ``["connect"]``; from then on
@@ -48,14 +48,13 @@ import itertools
 import logging
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import msgpack
-
+from gateway import children
 from gateway.errors import BrokerError
+from gateway.frames import frame, read_frame
 from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
@@ -64,12 +63,10 @@ from gateway.topics import Topics
 from gateway.workers import Workers
 
 log = logging.getLogger("tokenwell.gateway")
-FRAME = struct.Struct(">I")
 MAX_FORWARDED = 1000  # messages in one frame at most
 INLINE_VOUCH = 8  # batches up to this size are checked on the loop, not on threads
 KEYS_PER_FRAME = 4096  # keys sent at start in frames of this many: no 10 MB frame at once
 GENERATION = 1 << 32  # Incoming.session = generation * GENERATION + the receiver's connection
-STOP_TIMEOUT = 10.0  # seconds a receiver has to exit after its socket is closed
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between attempts to replace a dead receiver
 STABLE_SECONDS = 30.0  # receivers dying sooner after starting are replaced ever more slowly
 # The GIL's switch interval here. A verifying thread wants the GIL back after each
@@ -78,23 +75,6 @@ STABLE_SECONDS = 30.0  # receivers dying sooner after starting are replaced ever
 # rounds each): 0.1 ms 5,207-6,032/s at 308-324 us of CPU a report (switching costs),
 # 1 ms 5,999-6,578/s at 258-276 us, 5 ms (Python's) 5,704-5,972/s.
 SWITCH_INTERVAL = 0.001
-
-
-def frame(value: object) -> bytes:
-    """``value`` as one frame: its length, then its msgpack encoding."""
-    body: bytes = msgpack.packb(value, use_bin_type=True)
-    return FRAME.pack(len(body)) + body
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next frame's value; None at the end of the stream (also when it ends inside a
-    frame: the other side died while writing)."""
-    try:
-        head = await reader.readexactly(FRAME.size)
-        body = await reader.readexactly(FRAME.unpack(head)[0])
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    return msgpack.unpackb(body, raw=False)
 
 
 # --- the gateway's side ------------------------------------------------------------------
@@ -147,17 +127,7 @@ class Receiver:
     async def spawn(self) -> None:
         """Start the receiver process without connecting it yet: its interpreter starts
         while the gateway loads its ledger. :meth:`start` does this when not done."""
-        parent, child = socket.socketpair()
-        try:
-            with child:
-                self._process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "gateway.receiver", str(child.fileno()),
-                    pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                )  # fmt: skip
-            self._reader, self._writer = await asyncio.open_connection(sock=parent)
-        except BaseException:
-            parent.close()  # the child, if started, reads the end and exits
-            raise
+        self._process, self._reader, self._writer = await children.spawn("gateway.receiver")
 
     async def start(self, timeout: float = 10.0) -> None:
         """Spawn the receiver (unless :meth:`spawn` did), send it every key and wait
@@ -176,8 +146,9 @@ class Receiver:
         self._generation += 1
         writer.write(frame({**self._settings, "connect_timeout": timeout}))
         try:
-            # Keys included: a receiver that hung would otherwise stall this for ever.
-            async with asyncio.timeout(timeout + STOP_TIMEOUT):  # its own timeout comes first
+            # Keys included: a receiver that hung would otherwise stall this for ever (its
+            # own connect timeout comes first).
+            async with asyncio.timeout(timeout + children.STOP_TIMEOUT):
                 await self._send_keys(writer)
                 if not writer.is_closing():  # close() may have closed it meanwhile
                     writer.write(frame(["connect"]))
@@ -264,7 +235,7 @@ class Receiver:
 
     async def close(self) -> None:
         """Send the acknowledgements given so far, let the receiver disconnect and wait
-        for it to exit (killed after ``STOP_TIMEOUT``)."""
+        for it to exit (see gateway.children)."""
         self._closing = True
         self._closed.set()
         if self._acks:
@@ -274,21 +245,7 @@ class Receiver:
     async def _end_process(self) -> None:
         writer, process = self._writer, self._process
         self._writer = None
-        if writer is not None:
-            try:
-                await asyncio.wait_for(writer.drain(), STOP_TIMEOUT)
-            except (ConnectionError, TimeoutError):
-                writer.transport.abort()  # a receiver that stopped reading: no more waiting
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        if process is not None and process.returncode is None:
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                log.error("the receiver process did not exit: killing it")
-                process.kill()
-                await process.wait()
+        await children.end(writer, process, "receiver")
 
 
 # --- the receiver process ----------------------------------------------------------------

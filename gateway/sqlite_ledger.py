@@ -4,10 +4,13 @@ Durability: WAL journal with ``synchronous=FULL``, so a committed transaction su
 power loss, not only a process crash (``NORMAL`` in WAL mode may lose the last commits
 on power loss). One :class:`~gateway.ledger.LedgerWrite` is one ``BEGIN IMMEDIATE`` ...
 ``COMMIT``, written with multi-row ``INSERT`` statements (see :func:`_insert`): a few
-statements per table and batch, not one per row.
+statements per table and batch, not one per row. The statements are built here and run
+in the ledger's writer process (gateway.writer), which does every write; each carries a
+marker, so that a writer dying between COMMIT and its answer commits nothing twice.
 
-A second, read-only connection serves usage queries, so a long report never holds up
-commits (WAL lets readers and the writer run side by side).
+In this process, one connection creates and checks the schema and serves the start-up
+and admin reads; a second, read-only one serves usage queries and statements, so a long
+report never holds up anything (WAL lets readers and the writer run side by side).
 
 Sums are exact: SQLite's ``SUM`` fails on 64-bit overflow, so usage sums add the high
 and low 32 bits of each value separately and Python joins them (a free meter counted up
@@ -19,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from gateway.economics import (
     Movement,
     Pool,
 )
-from gateway.errors import InvalidMessage, LedgerError
+from gateway.errors import InvalidMessage, LedgerError, WriterLost
 from gateway.ledger import (
     LedgerWrite,
     PackedSnapshot,
@@ -43,7 +48,9 @@ from gateway.ledger import (
 from gateway.packing import DEVICE_FIELDS, device_row, pack_device_row, pack_pool
 from gateway.statement import Evidence
 from gateway.wire import check_control_fields
+from gateway.writer import Statement, WriterProcess
 
+log = logging.getLogger("tokenwell.gateway")
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -107,6 +114,9 @@ _MOVEMENT_COLUMNS = (
     " idempotency_key, device"
 )
 _INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS})"
+_SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_MARK_COMMIT = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_commit', ?)"
+BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 _MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _MAX_ROWS = 256  # rows per statement at most; a power of two (see _insert)
 _LOAD_CHUNK = 4096  # rows fetched at once at start-up
@@ -159,24 +169,28 @@ class SqliteLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._local: aiosqlite.Connection | None = None  # schema, start-up and admin reads
+        self._reader: aiosqlite.Connection | None = None  # usage queries and statements
+        self.writer = WriterProcess(path, BUSY_TIMEOUT_MS)  # every transaction
+        self._run = os.urandom(8)  # names this instance's commits in their markers
+        self._commits = 0
 
     async def open(self) -> None:
         """Open (creating folders, file and schema) and check the database is sound."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._writer.execute("PRAGMA busy_timeout = 5000")
-            mode = await self._scalar(self._writer, "PRAGMA journal_mode = WAL")
+            self._local = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._local.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = await self._scalar(self._local, "PRAGMA journal_mode = WAL")
             if mode != "wal":
                 raise LedgerError(f"ledger {self.path}: cannot enable WAL (got {mode!r})")
-            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self._local.execute("PRAGMA synchronous = FULL")
             await self._check_version()  # before the schema: an old file's tables differ
-            await self._writer.executescript(SCHEMA)
+            await self._local.executescript(SCHEMA)
             # as_uri() percent-encodes: a '?', '#' or '%' in the path stays part of the path.
             reader_uri = f"{self.path.resolve().as_uri()}?mode=ro"
             self._reader = await aiosqlite.connect(reader_uri, uri=True)
+            await self.writer.start()  # it starts while the gateway loads
         except LedgerError:
             await self.close()  # a refused file (no WAL, another schema) holds no connection
             raise
@@ -188,13 +202,13 @@ class SqliteLedger:
             raise LedgerError(f"ledger {self.path}: {exc.strerror or exc}") from None
 
     async def _check_version(self) -> None:
-        assert self._writer is not None
-        await self._writer.execute(
+        assert self._local is not None
+        await self._local.execute(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
         )
-        found = await self._scalar(self._writer, "SELECT value FROM meta WHERE key = 'schema'")
+        found = await self._scalar(self._local, "SELECT value FROM meta WHERE key = 'schema'")
         if found is None:
-            await self._writer.execute(
+            await self._local.execute(
                 "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION).encode(),)
             )
         elif int(found) == 1:
@@ -234,10 +248,11 @@ class SqliteLedger:
         return None if row is None else row[0]
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
+        await self.writer.close()
+        for conn in (self._reader, self._local):
             if conn is not None:
                 await conn.close()
-        self._reader = self._writer = None
+        self._reader = self._local = None
 
     @contextlib.contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
@@ -256,9 +271,9 @@ class SqliteLedger:
 
     @property
     def _w(self) -> aiosqlite.Connection:
-        if self._writer is None:
+        if self._local is None:
             raise LedgerError("ledger is not open")
-        return self._writer
+        return self._local
 
     @property
     def _r(self) -> aiosqlite.Connection:
@@ -291,10 +306,31 @@ class SqliteLedger:
         return PackedSnapshot(devices, pools)
 
     async def commit(self, write: LedgerWrite) -> None:
-        """One transaction, run as one call on the writer's thread (see :func:`_write`)."""
-        statements = _statements(write)  # rows built here, on the caller's thread
+        """One transaction, in the writer process (gateway.writer).
+
+        Each transaction also writes a marker naming it (``meta`` ``last_commit``): when
+        the writer dies with a transaction in hand, the marker says whether it committed.
+        Committed, the commit succeeded; rolled back, a new writer runs it once more, and
+        if that one dies too, :class:`~gateway.errors.WriterLost` is raised for the caller
+        to retry. So a transaction is committed once, or not at all.
+        """
+        self._w  # noqa: B018 (raises LedgerError when the ledger is not open)
+        self._commits += 1
+        marker = self._run + self._commits.to_bytes(8, "big")
+        statements = [*_statements(write), (_MARK_COMMIT, [marker])]
         with self._translated("commit failed"):
-            await _on_thread(self._w, _write, statements)
+            for attempt in (1, 2):
+                try:
+                    await self.writer.transaction(statements)
+                    return
+                except WriterLost:
+                    # The writer has exited (its socket closed): it can commit no more.
+                    if await self.get_meta("last_commit") == marker:
+                        log.warning("the ledger's writer process ended after committing")
+                        return
+                    if attempt == 2:
+                        raise  # rolled back, twice: the caller retries later
+                    log.warning("the ledger's writer process ended: a new one commits")
 
     async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
         sql = (
@@ -362,8 +398,9 @@ class SqliteLedger:
         return None if value is None else bytes(value)
 
     async def set_meta(self, key: str, value: bytes) -> None:
+        self._w  # noqa: B018 (raises LedgerError when the ledger is not open)
         with self._translated("cannot write meta"):
-            await self._w.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            await self.writer.transaction([(_SET_META, [key, value])])
 
 
 async def _rows(conn: aiosqlite.Connection, sql: str) -> AsyncIterator[sqlite3.Row]:
@@ -374,9 +411,6 @@ async def _rows(conn: aiosqlite.Connection, sql: str) -> AsyncIterator[sqlite3.R
         while rows := await cursor.fetchmany(_LOAD_CHUNK):
             for row in rows:
                 yield row
-
-
-Statement = tuple[str, list[Any]]  # SQL and its parameters
 
 
 def _statements(write: LedgerWrite) -> list[Statement]:
@@ -399,10 +433,11 @@ def _insert(head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> Itera
     """``rows`` (in order) as statements ``head`` ``SELECT`` rows ``tail``, up to
     ``_MAX_ROWS`` rows to a statement.
 
-    Why not ``executemany``: sqlite3 releases the GIL around every row it steps, and when
-    other threads want it (paho's, the event loop, the verify threads) each row queues for
-    it again, up to the 5 ms switch interval each time: a commit of 500 reports took 8.5 s
-    beside one busy Python thread, 10 ms without. A multi-row ``INSERT`` is one step.
+    Why not ``executemany``: sqlite3 releases the GIL around every row it steps and takes
+    it back for the next; when other threads want it, each row queues for it again, up to
+    the 5 ms switch interval each time (a commit of 500 reports took 8.5 s beside one busy
+    Python thread, 10 ms without, when commits ran in the gateway process). A multi-row
+    ``INSERT`` is one step, and binds its parameters in one call.
 
     Each statement holds a power of two of rows, padded with copies of the last row that
     its ``LIMIT`` leaves out: so there are at most nine distinct statements per table for
@@ -427,32 +462,6 @@ def _sql(head: str, width: int, size: int, tail: str) -> str:
     from being read as part of the ``SELECT``."""
     values = ", ".join(["(" + ", ".join("?" * width) + ")"] * size)
     return f"{head} SELECT * FROM (VALUES {values}) WHERE true LIMIT ?{tail}"
-
-
-def _write(conn: sqlite3.Connection, statements: Sequence[Statement]) -> None:
-    """Run ``statements`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, parameters in statements:
-            conn.execute(sql, parameters)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # some errors end the transaction themselves
-            conn.execute("ROLLBACK")
-        raise
-
-
-async def _on_thread(
-    conn: aiosqlite.Connection, function: Callable[[sqlite3.Connection, Any], Any], arg: Any
-) -> Any:
-    """Run ``function(sqlite3_connection, arg)`` on ``conn``'s own thread, in one hop.
-
-    aiosqlite runs every statement as a separate hop to its thread and back, each of which
-    waits for the GIL twice; a commit of seven statements took seven hops. This uses
-    aiosqlite's queue of calls (``Connection._execute``, the method its own public ones
-    use) to run a whole transaction in one, on the thread that owns the connection.
-    """
-    return await conn._execute(lambda: function(conn._conn, arg))  # type: ignore[no-untyped-call]
 
 
 def _exact_sum(expr: str) -> str:

@@ -407,13 +407,14 @@ async def test_a_debit_that_breaks_the_rules_is_refused_with_nothing_applied(
 
 
 async def test_the_writer_runs_in_wal_mode_with_synchronous_full(tmp_path: Path) -> None:
+    """The writer process's own connection, which runs every transaction, says so."""
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
     await ledger.open()
     try:
-        async with ledger._w.execute("PRAGMA journal_mode") as cursor:
-            assert await cursor.fetchone() == ("wal",)
-        async with ledger._w.execute("PRAGMA synchronous") as cursor:
-            assert await cursor.fetchone() == (2,)  # FULL: survives power loss, not only a crash
+        await ledger.commit(LedgerWrite(devices=[device("a")]))
+        settings = ledger.writer.connection_settings
+        assert settings["journal_mode"] == "wal"
+        assert settings["synchronous"] == 2  # FULL: survives power loss, not only a crash
     finally:
         await ledger.close()
 

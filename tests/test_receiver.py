@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 
 import gateway.receiver as receiver_module
 from gateway.errors import BrokerError, Reason
+from gateway.frames import frame, read_frame
 from gateway.ingest import Registry, Rejected, verify, vouching_key
 from gateway.metering import Device
 from gateway.mqtt import Incoming
-from gateway.receiver import Receiver, frame, read_frame
+from gateway.receiver import Receiver
 from gateway.topics import Topics
 from gateway.wire import UsageReport, public_key_hex
 from tests.helpers import Listener, RawDevice, running_gateway, unique_prefix

@@ -1,0 +1,214 @@
+"""The ledger's writer process (gateway.writer): every transaction runs there, once.
+
+It can die at any moment (killed, out of memory): with no transaction in hand, the next
+commit starts another; with one in hand, the ledger looks up the transaction's marker to
+tell a rolled-back transaction (raised, for the caller to retry) from a committed one
+whose answer was lost (success: never committed twice)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import LedgerError, WriterLost
+from gateway.ledger import LedgerWrite
+from gateway.sqlite_ledger import SqliteLedger
+from gateway.writer import Statement, WriterProcess
+from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
+from tests.test_ledger_contract import T0, debit, device
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    opened = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def kill_writer(ledger: SqliteLedger) -> None:
+    pid = ledger.writer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    process = ledger.writer._process
+    assert process is not None
+    await process.wait()
+
+
+async def test_every_transaction_runs_in_the_writer_process(ledger: SqliteLedger) -> None:
+    await ledger.commit(
+        LedgerWrite(devices=[device("a")], debits=[debit("a", "api_calls", 0, 10, 3, T0)])
+    )
+    assert ledger.writer.pid not in (None, os.getpid())
+    assert ledger.writer.started == 1
+    assert [d.id for d in (await ledger.load()).devices] == ["a"]
+    assert await ledger.totals("a") == (0, 3)
+
+
+async def test_a_writer_killed_between_transactions_is_replaced(ledger: SqliteLedger) -> None:
+    await ledger.commit(
+        LedgerWrite(devices=[device("a")], debits=[debit("a", "api_calls", 0, 10, 3, T0)])
+    )
+    await kill_writer(ledger)
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 10, 20, 4, T0)]))
+    assert ledger.writer.started == 2
+    assert await ledger.totals("a") == (0, 7)
+
+
+class LosingWriter(WriterProcess):
+    """A writer process that dies with the next transactions, as ``fates`` say: "before"
+    its COMMIT (the transaction never reaches the process), or "after" it, the answer
+    lost with the process."""
+
+    fates: list[str] = []
+
+    async def transaction(self, statements: Sequence[Statement]) -> None:
+        fate = self.fates.pop(0) if self.fates else ""
+        if fate == "before":
+            raise WriterLost("killed before its COMMIT")
+        await super().transaction(statements)
+        if fate == "after":
+            pid = self.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            raise WriterLost("killed after its COMMIT, before its answer")
+
+
+@pytest.fixture
+async def losing(tmp_path: Path) -> AsyncIterator[tuple[SqliteLedger, LosingWriter]]:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    writer = ledger.writer = LosingWriter(tmp_path / "ledger.sqlite3", 5000)
+    await ledger.open()
+    try:
+        await ledger.commit(
+            LedgerWrite(devices=[device("a")], debits=[debit("a", "api_calls", 0, 10, 3, T0)])
+        )
+        yield ledger, writer
+    finally:
+        await ledger.close()
+
+
+async def test_a_writer_lost_after_its_commit_commits_nothing_twice(
+    losing: tuple[SqliteLedger, LosingWriter],
+) -> None:
+    """The marker says it committed: success, not a retry that would debit twice; the
+    next transaction finds the process dead and runs in a new one."""
+    ledger, writer = losing
+    writer.fates = ["after"]
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 10, 20, 4, T0)]))
+    assert await ledger.totals("a") == (0, 7)
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 20, 30, 5, T0)]))
+    assert await ledger.totals("a") == (0, 12)
+    assert writer.started == 2
+
+
+async def test_a_writer_lost_before_its_commit_is_replaced_and_commits_once(
+    losing: tuple[SqliteLedger, LosingWriter],
+) -> None:
+    ledger, writer = losing
+    writer.fates = ["before"]
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 10, 20, 4, T0)]))
+    assert await ledger.totals("a") == (0, 7)
+
+
+async def test_writers_lost_twice_leave_the_retry_to_the_caller(
+    losing: tuple[SqliteLedger, LosingWriter],
+) -> None:
+    ledger, writer = losing
+    writer.fates = ["before", "before"]
+    write = LedgerWrite(debits=[debit("a", "api_calls", 10, 20, 4, T0)])
+    with pytest.raises(WriterLost):
+        await ledger.commit(write)
+    assert await ledger.totals("a") == (0, 3)  # rolled back
+    await ledger.commit(write)  # the caller's retry
+    assert await ledger.totals("a") == (0, 7)
+
+
+async def test_a_refused_transaction_is_a_ledger_error_and_leaves_nothing(
+    ledger: SqliteLedger,
+) -> None:
+    await ledger.commit(LedgerWrite(devices=[device("a")]))
+    bad = debit("a", "api_calls", 10, 5, 1, T0)  # to_units below from_units: the CHECK refuses it
+    with pytest.raises(LedgerError, match="CHECK constraint"):
+        await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 0, 10, 3, T0), bad]))
+    assert await ledger.totals("a") == (0, 0)
+    assert ledger.writer.started == 1  # the writer lives on
+
+
+async def test_a_value_msgpack_cannot_carry_is_refused_before_it_is_sent(
+    ledger: SqliteLedger,
+) -> None:
+    with pytest.raises(LedgerError):
+        await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 0, 2**64, 3, T0)]))
+    await ledger.commit(LedgerWrite(devices=[device("a")]))
+    assert ledger.writer.started == 1
+
+
+async def test_the_writer_exits_when_the_ledger_closes(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    await ledger.commit(LedgerWrite(devices=[device("a")]))
+    process = ledger.writer._process
+    assert process is not None
+    await ledger.close()
+    assert process.returncode == 0
+
+
+async def test_a_writer_that_cannot_open_the_ledger_says_why(tmp_path: Path) -> None:
+    writer = WriterProcess(tmp_path / "no" / "such" / "folder" / "ledger.sqlite3", 5000)
+    await writer.start()
+    try:
+        with pytest.raises(LedgerError, match="could not start: unable to open"):
+            await writer.transaction([("SELECT 1", [])])
+    finally:
+        await writer.close()
+
+
+async def test_a_gateway_whose_writer_is_killed_mid_stream_charges_every_report_once(
+    broker: Any, tmp_path: Path
+) -> None:
+    """Reports keep coming while the writer is killed, five times: every report is charged,
+    none twice (each pool's debits add up to what it used: no transaction ran twice)."""
+    devices = [RawDevice(f"writer-{i}") for i in range(3)]
+    counts = dict.fromkeys((d.id for d in devices), 0)
+    async with running_gateway(broker.url, tmp_path) as gw:
+        ledger = gw.service.ledger
+        assert isinstance(ledger, SqliteLedger)
+        for each in devices:
+            await gw.add_device(each.id, each.key, 10**9)
+        async with Listener.connect(broker.url) as publisher:
+            for kills in range(5):
+                for _ in range(40):
+                    for each in devices:
+                        counts[each.id] += 100  # one token at 0.01
+                        report = each.report({"api_calls": counts[each.id]})
+                        publisher.publish(gw.topics.usage(each.id), report)
+                # Once the writer killed last has been replaced (a batch committed since):
+                # reports are still arriving and being committed.
+                await gw.wait_committed(lambda k=kills: ledger.writer.started > k, timeout=30)
+                pid = ledger.writer.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+            assert await publisher.client.flush(30)
+        registry = gw.service.registry
+        await gw.wait_committed(
+            lambda: all(registry.devices[d.id].used == counts[d.id] // 100 for d in devices),
+            timeout=30,
+        )
+        assert ledger.writer.started >= 5  # each kill took a writer that had committed
+    reopened = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await reopened.open()
+    try:
+        snapshot = await assert_conserved(reopened)
+        for each in snapshot.devices:
+            assert each.used == counts[each.id] // 100
+            assert (await reopened.totals(each.id))[1] == each.used
+    finally:
+        await reopened.close()
