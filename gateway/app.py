@@ -42,9 +42,10 @@ FLEET_STATE_INTERVAL = 0.5  # seconds: operator topics follow a change within a 
 # broker's in-flight window (5,000, broker/mosquitto.conf), which Mosquitto 2.0 does not
 # always keep to.
 MAX_UNACKNOWLEDGED = 6000
-# The GIL's switch interval: how long a thread that released the GIL (SQLite stepping a
-# statement, a socket read) may wait to get it back from a busy one. Python's 5 ms made
-# every statement of a commit wait 5 ms behind paho's and the verify threads' Python.
+# The GIL's switch interval: how long a thread that released the GIL (a socket read, an
+# OpenSSL verification, a read of the ledger) may wait to get it back from a busy one.
+# Python's 5 ms made every statement of a commit wait 5 ms behind paho's and the verify
+# threads' Python, when commits still ran in this process (now: gateway.writer).
 GIL_SWITCH_INTERVAL = 0.001
 FLEET_STATE_SLICE = 25  # retained messages published at once; slices spread over the interval
 
