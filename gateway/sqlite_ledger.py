@@ -117,6 +117,7 @@ _INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS})"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _MARK_COMMIT = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_commit', ?)"
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
+LOCAL_CACHE_KIB = 256  # the page cache of this process's own connection
 _MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _MAX_ROWS = 256  # rows per statement at most; a power of two (see _insert)
 _LOAD_CHUNK = 4096  # rows fetched at once at start-up
@@ -185,6 +186,9 @@ class SqliteLedger:
             if mode != "wal":
                 raise LedgerError(f"ledger {self.path}: cannot enable WAL (got {mode!r})")
             await self._local.execute("PRAGMA synchronous = FULL")
+            # It only scans the tables at start-up and serves a few admin reads: a small
+            # page cache (SQLite's default is 2 MiB, kept for good once filled).
+            await self._local.execute(f"PRAGMA cache_size = -{LOCAL_CACHE_KIB}")
             await self._check_version()  # before the schema: an old file's tables differ
             await self._local.executescript(SCHEMA)
             # as_uri() percent-encodes: a '?', '#' or '%' in the path stays part of the path.
@@ -317,11 +321,15 @@ class SqliteLedger:
         self._w  # noqa: B018 (raises LedgerError when the ledger is not open)
         self._commits += 1
         marker = self._run + self._commits.to_bytes(8, "big")
-        statements = [*_statements(write), (_MARK_COMMIT, [marker])]
+
+        def statements() -> Iterator[Statement]:  # built anew, and lazily, for each attempt
+            yield from _statements(write)
+            yield _MARK_COMMIT, [marker]
+
         with self._translated("commit failed"):
             for attempt in (1, 2):
                 try:
-                    await self.writer.transaction(statements)
+                    await self.writer.transaction(statements())
                     return
                 except WriterLost:
                     # The writer has exited (its socket closed): it can commit no more.
@@ -413,20 +421,16 @@ async def _rows(conn: aiosqlite.Connection, sql: str) -> AsyncIterator[sqlite3.R
                 yield row
 
 
-def _statements(write: LedgerWrite) -> list[Statement]:
-    """The statements that commit ``write``: a few multi-row ``INSERT``s per table."""
-    return [
-        *_insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices]),
-        *_insert(_UPSERT_POOL, [pool_row(p) for p in write.pools]),
-        *_insert(_UPSERT_HIGH, write.highs),  # named tuples in column order
-        *_insert(_INSERT_DEBIT, write.debits),
-        *_insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements]),
-        *_insert(
-            _KEEP_EVIDENCE[0],
-            [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence],
-            _KEEP_EVIDENCE[1],
-        ),
-    ]
+def _statements(write: LedgerWrite) -> Iterator[Statement]:
+    """The statements that commit ``write``: a few multi-row ``INSERT``s per table, built
+    one at a time as they are taken."""
+    yield from _insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
+    yield from _insert(_UPSERT_POOL, [pool_row(p) for p in write.pools])
+    yield from _insert(_UPSERT_HIGH, write.highs)  # named tuples in column order
+    yield from _insert(_INSERT_DEBIT, write.debits)
+    yield from _insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])
+    evidence = [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence]
+    yield from _insert(_KEEP_EVIDENCE[0], evidence, _KEEP_EVIDENCE[1])
 
 
 def _insert(head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> Iterator[Statement]:

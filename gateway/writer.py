@@ -6,17 +6,18 @@ queued to get it back behind the event loop's charging, up to the switch interva
 time; commits took twice as long as their work (docs/performance.md, "The ledger's
 writer process"). This process has a GIL of its own and does nothing else:
 
-    gateway (SqliteLedger.commit) ══["commit", statements]══▶ writer process
-        BEGIN IMMEDIATE; every statement; COMMIT (WAL, synchronous=FULL)
+    gateway (SqliteLedger.commit) ══["run", sql, params] ... ["commit"]══▶ writer process
+        BEGIN IMMEDIATE; each statement as it comes; COMMIT (WAL, synchronous=FULL)
     gateway ◀══["ok"] or ["error", text]══
 
 Frames are gateway.frames' (length-prefixed msgpack) over a socket pair. The gateway
 sends the settings first (``{"path": ..., "busy_timeout_ms": ...}``); the writer answers
 ``["ready", {"journal_mode": ..., "synchronous": ...}]`` (its connection's own settings)
-or ``["error", text]``, then runs one transaction per ``["commit", [[sql, params], ...]]``
-and answers each, in order. It exits when the gateway closes the socket, after the
-transaction in hand, if any; signals that reach the whole process group (Ctrl-C, a
-service manager's SIGTERM) leave it to the gateway.
+or ``["error", text]``. Then a transaction is its statements, a frame each,
+``["run", sql, params]`` (run as they arrive), and ``["commit"]``, which the writer
+answers ``["ok"]`` or ``["error", text]`` (:class:`Transactions`). It exits when the
+gateway closes the socket, after the transaction in hand, if any; signals that reach the
+whole process group (Ctrl-C, a service manager's SIGTERM) leave it to the gateway.
 
 Durability is SQLite's: a transaction is committed once COMMIT returns, and rolled back
 if the process dies before. If it dies *after* COMMIT and before its answer, the gateway
@@ -35,7 +36,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +46,52 @@ from gateway.frames import frame, read_frame, read_frame_blocking
 from gateway.runtime import quiet_collector
 
 Statement = tuple[str, Sequence[Any]]  # SQL and its parameters
+# The writer's page cache (SQLite's default is 2 MiB). Each commit touches the pages of
+# the devices that reported; the operating system caches the file anyway, and at 100,000
+# devices the ledger is far larger than either size (resident memory a device matters
+# more there, docs/performance.md).
+CACHE_KIB = 1024
 
 
-def run_transaction(conn: sqlite3.Connection, statements: Sequence[Statement]) -> None:
-    """Run ``statements`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, parameters in statements:
-            conn.execute(sql, parameters)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # some errors end the transaction themselves
-            conn.execute("ROLLBACK")
-        raise
+REFUSED = (sqlite3.Error, OverflowError, ValueError, TypeError)  # what SQLite may refuse
+
+
+class Transactions:
+    """The writer's side of the protocol, request by request (no I/O): statements run as
+    they arrive, inside one ``BEGIN IMMEDIATE``; ``COMMIT`` at the end. After a statement
+    is refused, the transaction is rolled back, the rest of its statements are skipped,
+    and its end answers the error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._error: str | None = None
+
+    def run(self, sql: str, parameters: Sequence[Any]) -> None:
+        """One statement of the transaction in hand (the first begins it)."""
+        if self._error is not None:
+            return
+        try:
+            if not self._conn.in_transaction:
+                self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(sql, parameters)
+        except REFUSED as exc:
+            self._refused(str(exc))
+
+    def commit(self) -> list[Any]:
+        """End the transaction in hand: ``["ok"]`` once committed, else ``["error", why]``
+        (rolled back)."""
+        try:
+            if self._error is None and self._conn.in_transaction:
+                self._conn.execute("COMMIT")
+        except REFUSED as exc:
+            self._refused(str(exc))
+        error, self._error = self._error, None
+        return ["ok"] if error is None else ["error", error]
+
+    def _refused(self, error: str) -> None:
+        self._error = error
+        if self._conn.in_transaction:  # some errors end the transaction themselves
+            self._conn.execute("ROLLBACK")
 
 
 # --- the gateway's side --------------------------------------------------------------------
@@ -77,6 +111,7 @@ class WriterProcess:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = False
+        self._unsettled = False  # a transaction was left half sent or unanswered
         self._lock = asyncio.Lock()
         self.connection_settings: dict[str, Any] = {}  # what the writer's connection uses
         self.started = 0  # writer processes started so far
@@ -93,25 +128,42 @@ class WriterProcess:
         self.started += 1
         self._writer.write(frame(self._settings))
 
-    async def transaction(self, statements: Sequence[Statement]) -> None:
+    async def transaction(self, statements: Iterable[Statement]) -> None:
         """Commit ``statements`` as one transaction.
+
+        Each statement goes as a frame of its own, encoded and sent as it is taken from
+        ``statements`` (a generator, say), so that neither process holds a large
+        transaction's parameters all at once; the writer runs each as it arrives.
 
         Raises :class:`LedgerError` when SQLite refused it (it was rolled back) or no
         writer could be started, :class:`WriterLost` when the writer ended while it had
-        the transaction (committed or not: look it up), ``OverflowError`` or
-        ``TypeError`` for a parameter msgpack cannot carry (nothing was sent).
+        the transaction (committed or not: look it up). Whatever ``statements`` or the
+        encoding raise (``OverflowError`` for an integer msgpack cannot carry) comes
+        out as it is, the transaction rolled back. So does a cancellation: a transaction
+        left half sent, or its answer unread, is never mixed with the next one, which
+        starts by replacing this writer (it finishes what it had, and exits).
         """
-        request = frame(["commit", statements])
         async with self._lock:
-            if self._writer is None or self._writer.is_closing() or self._exited():
+            if self._unsettled or self._writer is None or self._writer.is_closing():
+                await self._end()
+            if self._writer is None or self._exited():
                 await self._end()
                 await self.start()
             if not self._ready:
                 await self._wait_ready()
-            assert self._reader is not None
-            assert self._writer is not None
-            self._writer.write(request)
-            answer = await read_frame(self._reader)
+            reader, writer = self._reader, self._writer
+            assert reader is not None
+            assert writer is not None
+            for sql, parameters in statements:
+                request = frame(["run", sql, parameters])  # what it raises, it raises here
+                self._unsettled = True  # until the answer is read
+                writer.write(request)
+                with contextlib.suppress(ConnectionError):  # a dead writer: the read says so
+                    await writer.drain()
+            self._unsettled = True
+            writer.write(frame(["commit"]))
+            answer = await read_frame(reader)
+            self._unsettled = False
             if answer is None:
                 await self._end()
                 raise WriterLost("the ledger's writer process ended during a transaction")
@@ -139,6 +191,7 @@ class WriterProcess:
     async def _end(self) -> None:
         writer, process = self._writer, self._process
         self._writer = self._reader = self._process = None
+        self._unsettled = False
         await children.end(writer, process, "ledger's writer")
 
 
@@ -160,9 +213,14 @@ def serve(fd: int) -> int:
         with contextlib.closing(conn), contextlib.suppress(ConnectionError):
             # A ConnectionError: the gateway is gone (killed). The transaction in hand, if
             # any, is committed or not, as SQLite decided; the next gateway reads which.
+            # (Closing the connection rolls back one that was not committed.)
             sock.sendall(frame(["ready", _connection_settings(conn)]))
+            transactions = Transactions(conn)
             while (request := read_frame_blocking(requests)) is not None:
-                sock.sendall(frame(_answer(conn, request)))
+                if request[0] == "run":
+                    transactions.run(request[1], request[2])
+                else:  # "commit"
+                    sock.sendall(frame(transactions.commit()))
     return 0
 
 
@@ -170,6 +228,7 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     return conn
 
 
@@ -177,17 +236,6 @@ def _connection_settings(conn: sqlite3.Connection) -> dict[str, Any]:
     journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
     return {"journal_mode": journal_mode, "synchronous": synchronous}
-
-
-def _answer(conn: sqlite3.Connection, request: Any) -> list[Any]:
-    kind, statements = request
-    if kind != "commit":
-        return ["error", f"unknown request {kind!r}"]
-    try:
-        run_transaction(conn, statements)
-    except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-        return ["error", str(exc)]
-    return ["ok"]
 
 
 def main() -> int:

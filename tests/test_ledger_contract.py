@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import signal
 import sqlite3
 import sys
 import textwrap
@@ -438,11 +439,13 @@ async def test_a_commit_survives_closing_and_reopening(tmp_path: Path) -> None:
 
 
 async def test_a_process_killed_right_after_a_commit_loses_nothing(tmp_path: Path) -> None:
-    """No close, no checkpoint: the committed transaction is in the WAL on disk."""
+    """No close, no checkpoint: the committed transaction is in the WAL on disk. (The
+    process and its writer are killed together: a writer left alone would close the
+    ledger cleanly, checkpointing it.)"""
     path = tmp_path / "l.sqlite3"
     script = textwrap.dedent(
         """
-        import asyncio, os, sys
+        import asyncio, os, signal, sys
         from pathlib import Path
         from gateway.economics import Movement
         from gateway.ledger import Debit, LedgerWrite
@@ -454,13 +457,15 @@ async def test_a_process_killed_right_after_a_commit_loses_nothing(tmp_path: Pat
             await ledger.commit(LedgerWrite(
                 movements=[Movement("a", "acme", "grant", 100, 1, grant_kind="initial")],
                 debits=[Debit("a", "acme", 1, "x", 0, 7, 7, 1, 1, "a")]))
-            os._exit(0)
+            os.killpg(0, signal.SIGKILL)  # this process and the writer, at once
 
         asyncio.run(main())
         """
     )
-    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path), cwd=ROOT)
-    assert await asyncio.wait_for(child.wait(), 60) == 0
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(path), cwd=ROOT, start_new_session=True
+    )
+    assert await asyncio.wait_for(child.wait(), 60) == -signal.SIGKILL
     assert path.with_name("l.sqlite3-wal").exists()  # not checkpointed: recovered on open
     ledger = SqliteLedger(path)
     await ledger.open()

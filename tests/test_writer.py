@@ -7,9 +7,10 @@ whose answer was lost (success: never committed twice)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class LosingWriter(WriterProcess):
 
     fates: list[str] = []
 
-    async def transaction(self, statements: Sequence[Statement]) -> None:
+    async def transaction(self, statements: Iterable[Statement]) -> None:
         fate = self.fates.pop(0) if self.fates else ""
         if fate == "before":
             raise WriterLost("killed before its COMMIT")
@@ -148,7 +149,38 @@ async def test_a_value_msgpack_cannot_carry_is_refused_before_it_is_sent(
     with pytest.raises(LedgerError):
         await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 0, 2**64, 3, T0)]))
     await ledger.commit(LedgerWrite(devices=[device("a")]))
-    assert ledger.writer.started == 1
+    assert ledger.writer.started == 1  # nothing was sent: the writer goes on
+
+
+async def test_a_transaction_broken_off_half_sent_commits_none_of_it(
+    ledger: SqliteLedger,
+) -> None:
+    """What breaks the statements off after some went to the writer (a value that cannot
+    be encoded, a cancellation) leaves nothing of them: the writer holding them is
+    replaced, and the next transaction is not mixed with them."""
+    await ledger.commit(LedgerWrite(devices=[device("a")]))
+    first = debit("a", "api_calls", 0, 10, 3, T0)
+    with pytest.raises(LedgerError):
+        await ledger.commit(
+            LedgerWrite(
+                devices=[device("b")], debits=[first, debit("a", "api_calls", 10, 2**64, 3, T0)]
+            )
+        )
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 0, 20, 5, T0)]))
+    assert [d.id for d in (await ledger.load()).devices] == ["a"]  # not b
+    assert await ledger.totals("a") == (0, 5)
+    assert ledger.writer.started == 2
+
+    def broken_off() -> Iterator[Statement]:
+        yield "INSERT INTO meta (key, value) VALUES ('half', x'00')", []
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await ledger.writer.transaction(broken_off())
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 20, 30, 1, T0)]))
+    assert await ledger.get_meta("half") is None
+    assert await ledger.totals("a") == (0, 6)
+    assert ledger.writer.started == 3
 
 
 async def test_the_writer_exits_when_the_ledger_closes(tmp_path: Path) -> None:
