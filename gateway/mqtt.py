@@ -10,10 +10,11 @@ publication (a self-pipe write to wake it, a lock and ``call_soon_threadsafe`` b
 docs/performance.md). The one blocking step, opening the TCP (and TLS) connection, runs
 on a worker thread; the socket callbacks it triggers are handed to the loop.
 
-paho keeps the connection (connecting, subscribing, keep-alive, acknowledgements of what
-we publish), but the messages we are sent (QoS 0 and 1) do not go through it: :class:`_Reader` takes
-them out of the byte stream first (decoded by gateway.mqtt_packets, at a tenth of paho's
-CPU a message) and hands paho every other packet.
+paho keeps the connection (connecting, subscribing, keep-alive, publishing), but the
+messages we are sent (QoS 0 and 1) and the broker's PUBACKs of what we publish do not go
+through it: :class:`_Reader` takes them out of the byte stream first (decoded by
+gateway.mqtt_packets, at a tenth of paho's CPU a message) and hands paho every other
+packet.
 
 MQTT 3.1.1 is used: paho receives noticeably faster over it than over MQTT 5, and all the
 contract needs (QoS 1, retain, persistent sessions) is in 3.1.1. Subscriptions are
@@ -49,6 +50,7 @@ READS_PER_TURN = 64  # ``loop_read`` calls in one turn of the loop at most
 READ_AHEAD = 65536  # bytes asked of the kernel at once (see _Reader)
 MESSAGES_PER_TURN = 256  # messages delivered in one turn of the loop at most
 _PUBACK = struct.Struct(">BBH")  # fixed header (type, remaining length 2), message id
+_PUBACK_HEAD = bytes((paho.PUBACK, 2))
 DISCONNECT_TIMEOUT = 2.0  # seconds for the DISCONNECT to be written
 
 
@@ -115,7 +117,8 @@ class _Reader:
 
     What the kernel holds (up to ``READ_AHEAD`` bytes) is read in one system call and
     split into packets (:class:`~gateway.mqtt_packets.PacketBuffer`). PUBLISHes of QoS 0
-    and 1 go straight to ``deliver``, in order; paho is handed every other packet, whole,
+    and 1 go straight to ``deliver``, in order, and the PUBACKs of our publications to
+    ``confirm`` (which may leave one to paho); paho is handed every other packet, whole,
     as the bytes of its reads, so it stays at a packet boundary whenever its bytes run
     out. ``deliver`` returns False to stop taking packets (reading paused, or the turn's
     share used up); the rest stays held. Held bytes are no longer in the kernel, so the
@@ -124,16 +127,22 @@ class _Reader:
     zero. Everything else goes to the socket.
     """
 
-    __slots__ = ("_at", "_deliver", "_ended", "_packets", "_paho", "_sock", "handed", "received")
+    __slots__ = (
+        "_at", "_confirm", "_deliver", "_ended", "_packets", "_paho", "_sock", "handed",
+        "received",
+    )  # fmt: skip
 
-    def __init__(self, sock: Any, deliver: Callable[[Publish], bool]) -> None:
+    def __init__(
+        self, sock: Any, deliver: Callable[[Publish], bool], confirm: Callable[[int], bool]
+    ) -> None:
         self._sock = sock
         self._deliver = deliver
+        self._confirm = confirm  # a PUBACK's message id: True if taken care of
         self._packets = PacketBuffer()
         self._paho = b""  # whole packets for paho, from _at on
         self._at = 0
         self._ended = False  # the socket said end of stream
-        self.handed = 0  # packets handed to paho so far
+        self.handed = 0  # packets handed to paho, or PUBACKs confirmed, so far
         self.received = 0  # bytes read from the socket so far
 
     def recv(self, size: int) -> bytes:
@@ -164,8 +173,15 @@ class _Reader:
                 self.received += len(data)
                 packets.feed(data)
             elif type(packet) is bytes:
-                self._paho, self._at = packet, 0
                 self.handed += 1
+                head = packet[:2]
+                if (
+                    head == _PUBACK_HEAD
+                    and len(packet) == 4
+                    and self._confirm(packet[2] << 8 | packet[3])
+                ):
+                    continue
+                self._paho, self._at = packet, 0
                 return
             elif not deliver(packet):  # type: ignore[arg-type]
                 return
@@ -267,7 +283,7 @@ class MqttClient:
 
     def _socket_opened(self, client: Any, userdata: Any, sock: Any) -> None:
         _no_delay(sock)
-        reading = _Reader(sock, self._deliver)
+        reading = _Reader(sock, self._deliver, self._confirm)
         # paho has just set _sock and reads and writes through it from now on, this
         # callback's socket argument included when it closes.
         client._sock = reading
@@ -398,6 +414,29 @@ class MqttClient:
             self._unacknowledged += 1
             if self._unacknowledged >= self._max_unacknowledged:
                 self._pause_reading()
+
+    def _confirm(self, mid: int) -> bool:
+        """The broker's PUBACK for our QoS 1 publish ``mid``, taken out of the byte stream
+        by the reader: done here as paho's own handling does it (the message forgotten,
+        one fewer in flight, ``on_publish``) without paho's Python for it (reading the
+        packet in three calls, decoding it into a reason code and properties: about half
+        of the cost of a publish, docs/performance.md). Left to paho (False) while it keeps
+        an in-flight limit, whose queue a PUBACK moves on, or for a message not of QoS 1.
+        """
+        client = self._client
+        if client._max_inflight_messages:
+            return False
+        with client._out_message_mutex:
+            message = client._out_messages.get(mid)
+            if message is None:
+                return True  # paho ignores a PUBACK it awaits no message for
+            if message.qos != 1:
+                return False
+            del client._out_messages[mid]
+            client._inflight_messages -= 1
+        message.info._set_as_published()
+        self._handle_publish(client, None, mid, None, None)
+        return True
 
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, props: Any

@@ -325,7 +325,9 @@ def test_the_reader_takes_messages_out_and_hands_paho_the_rest_whole() -> None:
         ours.setblocking(False)
         counting = _CountingSocket(ours)
         delivered: list[Publish] = []
-        reading = _Reader(counting, lambda m: delivered.append(m) or len(delivered) != 30)
+        reading = _Reader(
+            counting, lambda m: delivered.append(m) or len(delivered) != 30, lambda mid: False
+        )
         messages = [_publish_qos0("t", b"%d" % i) for i in range(50)]
         suback, pingresp = b"\x90\x03\x00\x01\x01", b"\xd0\x00"
         theirs.sendall(b"".join([*messages[:20], suback, *messages[20:], pingresp]))
@@ -351,3 +353,69 @@ def test_the_reader_takes_messages_out_and_hands_paho_the_rest_whole() -> None:
         select.select([ours], [], [], TIMEOUT)
         assert _paho_reads(reading) == pingresp
         assert reading.recv(1) == b""  # the end of the stream, as socket.recv says it
+
+
+def test_the_reader_confirms_pubacks_it_may_and_hands_paho_those_it_may_not() -> None:
+    """PUBACKs amid messages, in one read: those ``confirm`` takes (here, odd ids) never
+    reach paho; the others do, whole and in order, between the messages around them."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        delivered: list[Publish] = []
+        confirmed: list[int] = []
+
+        def confirm(mid: int) -> bool:
+            confirmed.append(mid)
+            return mid % 2 == 1
+
+        reading = _Reader(ours, lambda m: delivered.append(m) or True, confirm)
+        puback = [b"\x40\x02" + mid.to_bytes(2, "big") for mid in range(1, 5)]
+        message = _publish_qos0("t", b"m")
+        theirs.sendall(b"".join([puback[0], message, puback[1], puback[2], message, puback[3]]))
+        select.select([ours], [], [], TIMEOUT)
+        assert _paho_reads(reading) == puback[1]  # mid 2: paho's
+        assert (confirmed, len(delivered)) == ([1, 2], 1)
+        assert _paho_reads(reading) == puback[3]  # mid 3 confirmed on the way, then 4
+        assert (confirmed, len(delivered)) == ([1, 2, 3, 4], 2)
+        with pytest.raises(BlockingIOError):
+            reading.recv(1)
+
+
+@pytest.mark.parametrize("max_inflight", [0, 7])
+async def test_every_publish_is_confirmed_once_and_forgotten(
+    shared_broker: Any, max_inflight: int
+) -> None:
+    """The broker's PUBACKs of our publications, taken by the reader (no in-flight
+    limit) or left to paho (with one, whose queue they move on): each publish is reported
+    once, and paho keeps none of them, so a reconnect would re-send nothing."""
+    published: list[int] = []
+    client = MqttClient(
+        BrokerUrl.parse(shared_broker.url), f"confirm-{unique_prefix()}",
+        on_published=published.append, max_inflight=max_inflight,
+    )  # fmt: skip
+    await client.connect()
+    try:
+        topic = f"{unique_prefix()}/confirm"
+        mids = [client.publish(topic, i.to_bytes(2, "big")) for i in range(500)]
+        assert await client.flush(TIMEOUT)
+        assert sorted(published) == sorted(mids)
+        assert client.unconfirmed == 0
+        assert client._client._out_messages == {}
+        assert client._client._inflight_messages == 0
+    finally:
+        await client.disconnect()
+
+
+async def test_a_puback_for_no_publication_of_ours_is_ignored(shared_broker: Any) -> None:
+    published: list[int] = []
+    client = MqttClient(
+        BrokerUrl.parse(shared_broker.url), f"stray-{unique_prefix()}",
+        on_published=published.append,
+    )  # fmt: skip
+    await client.connect()
+    try:
+        assert client._confirm(4242)  # taken care of: there is nothing to do
+        assert published == []
+        assert client._client._inflight_messages == 0
+    finally:
+        await client.disconnect()
