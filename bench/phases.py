@@ -132,6 +132,7 @@ class Drain:
     loop_cpu: float  # the main thread's: the event loop
     busiest_thread_cpu: float  # the busiest other thread's, in the gateway's own process
     receiver_cpu: float  # the receiver process's (gateway.receiver), included in gateway_cpu
+    writer_cpu: float  # the ledger's writer process's (gateway.writer), included too
 
     @property
     def rate(self) -> float:
@@ -179,6 +180,7 @@ def drain(
             start = time.perf_counter()
             end = wait_counted(process, len(reports), timeout=60 + len(reports) / 200)
         by_process = {p: s - cpu.get(p, 0.0) for p, s in process.cpu_seconds_by_process().items()}
+        modules = {pid: process.module_of(pid) for pid in by_process}  # while they run
         broker_cpu = rig.broker_cpu() - broker_cpu
         used = {tid: s - threads.get(tid, 0.0) for tid, s in process.thread_cpu_seconds().items()}
         _check_all_charged(process, len(reports))
@@ -188,10 +190,13 @@ def drain(
     busiest = max(used.values(), default=0.0)
     seconds = end - start
     startup = process.startup_seconds
-    total, receiver = sum(by_process.values()), sum(by_process.values()) - by_process[process.pid]
+    children: dict[str, float] = {}
+    for pid, used_cpu in by_process.items():
+        children[modules[pid]] = children.get(modules[pid], 0.0) + used_cpu
     return Drain(
-        len(reports), seconds, total, broker_cpu, startup, batches, loop, busiest, receiver
-    )
+        len(reports), seconds, sum(by_process.values()), broker_cpu, startup, batches, loop,
+        busiest, children.get("gateway.receiver", 0.0), children.get("gateway.writer", 0.0),
+    )  # fmt: skip
 
 
 def _check_all_charged(process: GatewayProcess, expected: int) -> None:

@@ -3,12 +3,12 @@
 It runs exactly as an operator runs it (``python -m gateway.cli gateway ...``), so its CPU
 time (``utime + stime`` of ``/proc/PID/stat``) and resident memory (``VmRSS`` of
 ``/proc/PID/status``) are its own and nobody else's. They are summed over its process
-tree: the gateway and the receiver process it starts (``gateway.receiver``); pausing and
-resuming signal the whole tree. It is *ready* when it logs its
-``gateway ready`` line on stderr; a thread reads stderr throughout (a full pipe would
-stall the gateway) and keeps the tail for error messages. Progress is read from its
-Prometheus counters (``GET /metrics``): a report is counted there once its batch is
-committed and acknowledged.
+tree: the gateway and the processes it starts (the receiver, ``gateway.receiver``, and
+the ledger's writer, ``gateway.writer``); pausing and resuming signal the whole tree. It
+is *ready* when it logs its ``gateway ready`` line on stderr; a thread reads stderr
+throughout (a full pipe would stall the gateway) and keeps the tail for error messages.
+Progress is read from its Prometheus counters (``GET /metrics``): a report is counted
+there once its batch is committed and acknowledged.
 """
 
 from __future__ import annotations
@@ -182,6 +182,14 @@ class GatewayProcess:
             with contextlib.suppress(OSError):
                 used[pid] = cpu_seconds(pid)
         return used
+
+    def module_of(self, pid: int) -> str:
+        """The module a process of the tree runs (``python -m MODULE``), "" if none."""
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"-m" in args[:-1]:
+                return args[args.index(b"-m") + 1].decode()
+        return ""
 
     def thread_cpu_seconds(self) -> dict[int, float]:
         """CPU seconds of each thread of the gateway's own process (not its children)."""
