@@ -8,6 +8,7 @@ whose answer was lost (success: never committed twice)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -19,7 +20,7 @@ import pytest
 from gateway.errors import LedgerError, WriterLost
 from gateway.ledger import LedgerWrite
 from gateway.sqlite_ledger import SqliteLedger
-from gateway.writer import Statement, WriterProcess
+from gateway.writer import PRIORITY_BOOST, Statement, WriterProcess
 from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
 from tests.test_ledger_contract import T0, debit, device
 
@@ -244,3 +245,33 @@ async def test_a_gateway_whose_writer_is_killed_mid_stream_charges_every_report_
             assert (await reopened.totals(each.id))[1] == each.used
     finally:
         await reopened.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority takes root (or CAP_SYS_NICE)")
+async def test_the_writer_runs_above_the_gateways_priority_where_allowed(
+    ledger: SqliteLedger,
+) -> None:
+    pid = ledger.writer.pid
+    assert pid is not None
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == ours - PRIORITY_BOOST
+
+
+async def test_without_the_right_to_raise_it_the_writer_runs_at_the_gateways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(which: int, who: int, priority: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refused)
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    with caplog.at_level(logging.INFO, logger="tokenwell.gateway"):
+        await ledger.open()
+    try:
+        await ledger.commit(LedgerWrite(devices=[device("a")]))
+        pid = ledger.writer.pid
+        assert pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+        assert "CAP_SYS_NICE" in caplog.text
+    finally:
+        await ledger.close()
