@@ -109,17 +109,23 @@ class Connection:
         return packet
 
     def read_ready(self) -> None:
-        """Read whatever the kernel holds, without waiting."""
-        while True:
-            try:
-                data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                raise RawMqttError("the broker closed the connection")
-            self.buffer.feed(data)
-            if len(data) < READ_SIZE:
-                return
+        """Read whatever the kernel holds, without waiting. (A socket with a timeout polls
+        before every ``recv``, MSG_DONTWAIT or not: it is made non-blocking meanwhile.)"""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not data:
+                    raise RawMqttError("the broker closed the connection")
+                self.buffer.feed(data)
+                if len(data) < READ_SIZE:
+                    return
+        finally:
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         with suppress(OSError):

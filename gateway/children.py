@@ -42,10 +42,12 @@ async def end(
     killed (``what`` names it in the log)."""
     if writer is not None:
         try:
-            await asyncio.wait_for(writer.drain(), STOP_TIMEOUT)
+            if not writer.is_closing():
+                await asyncio.wait_for(writer.drain(), STOP_TIMEOUT)
         except (ConnectionError, TimeoutError):
             writer.transport.abort()  # a child that stopped reading: no more waiting
-        writer.close()
+        finally:
+            writer.close()  # even when cancelled: the child must see the end of its socket
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     if process is not None and process.returncode is None:

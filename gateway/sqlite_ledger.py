@@ -19,6 +19,7 @@ to 2**63 in two boot epochs would otherwise break every usage query).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -175,6 +176,8 @@ class SqliteLedger:
         self.writer = WriterProcess(path, BUSY_TIMEOUT_MS)  # every transaction
         self._run = os.urandom(8)  # names this instance's commits in their markers
         self._commits = 0
+        self._unresolved: tuple[LedgerWrite, bytes] | None = None  # last commit, if unknown
+        self._one_commit = asyncio.Lock()
 
     async def open(self) -> None:
         """Open (creating folders, file and schema) and check the database is sound."""
@@ -316,29 +319,52 @@ class SqliteLedger:
         the writer dies with a transaction in hand, the marker says whether it committed.
         Committed, the commit succeeded; rolled back, a new writer runs it once more, and
         if that one dies too, :class:`~gateway.errors.WriterLost` is raised for the caller
-        to retry. So a transaction is committed once, or not at all.
+        to retry. A commit that ended without a known outcome (that error, a failed look-up,
+        a cancellation) and is retried with the same ``write`` keeps its marker, and the
+        retry first looks it up. So a transaction is committed once, or not at all.
+        Commits run one at a time.
         """
         self._w  # noqa: B018 (raises LedgerError when the ledger is not open)
-        self._commits += 1
-        marker = self._run + self._commits.to_bytes(8, "big")
+        async with self._one_commit:
+            with self._translated("commit failed"):
+                await self._commit(write)
 
-        def statements() -> Iterator[Statement]:  # built anew, and lazily, for each attempt
+    async def _commit(self, write: LedgerWrite) -> None:
+        marker = await self._marker_for(write)
+        if marker is None:
+            return  # an earlier attempt of this very write did commit
+
+        def statements() -> Iterator[Statement]:  # built anew, lazily, for each attempt
             yield from _statements(write)
             yield _MARK_COMMIT, [marker]
 
-        with self._translated("commit failed"):
-            for attempt in (1, 2):
-                try:
-                    await self.writer.transaction(statements())
-                    return
-                except WriterLost:
-                    # The writer has exited (its socket closed): it can commit no more.
-                    if await self.get_meta("last_commit") == marker:
-                        log.warning("the ledger's writer process ended after committing")
-                        return
-                    if attempt == 2:
-                        raise  # rolled back, twice: the caller retries later
-                    log.warning("the ledger's writer process ended: a new one commits")
+        for attempt in (1, 2):
+            try:
+                await self.writer.transaction(statements())
+                break
+            except WriterLost:
+                # The writer has exited (its socket closed): it can commit no more.
+                if await self.get_meta("last_commit") == marker:
+                    log.warning("the ledger's writer process ended after committing")
+                    break
+                if attempt == 2:
+                    raise  # rolled back, twice: the caller retries later
+                log.warning("the ledger's writer process ended: a new one commits")
+        self._unresolved = None
+
+    async def _marker_for(self, write: LedgerWrite) -> bytes | None:
+        """The marker for committing ``write``: a new one, or, when the last commit was of
+        this very write and its outcome is unknown, that one's (None if it committed)."""
+        if self._unresolved is not None and self._unresolved[0] is write:
+            marker = self._unresolved[1]
+            if await self.get_meta("last_commit") == marker:
+                self._unresolved = None
+                return None
+            return marker
+        self._commits += 1
+        marker = self._run + self._commits.to_bytes(8, "big")
+        self._unresolved = (write, marker)
+        return marker
 
     async def find_grant(self, pool: str, idempotency_key: str) -> Movement | None:
         sql = (

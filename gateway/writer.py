@@ -24,14 +24,15 @@ if the process dies before. If it dies *after* COMMIT and before its answer, the
 cannot tell from the socket; :class:`~gateway.errors.WriterLost` tells it to look in the
 ledger (gateway.sqlite_ledger writes a marker in every transaction for that).
 
-This module imports only the standard library, msgpack and gateway.frames, so that the
-process starts quickly.
+This module imports little beside the standard library (msgpack, and gateway.frames,
+gateway.children, gateway.errors), so that the process starts quickly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from gateway.runtime import quiet_collector
 log = logging.getLogger("tokenwell.gateway")
 Statement = tuple[str, Sequence[Any]]  # SQL and its parameters
 PRIORITY_BOOST = 5  # nice levels the writer runs above the gateway, where allowed
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 # The writer's page cache (SQLite's default is 2 MiB). Each commit touches the pages of
 # the devices that reported; the operating system caches the file anyway, and at 100,000
 # devices the ledger is far larger than either size (resident memory a device matters
@@ -153,7 +155,10 @@ class WriterProcess:
                 await self._end()
             if self._writer is None or self._exited():
                 await self._end()
-                await self.start()
+                try:
+                    await self.start()
+                except OSError as exc:  # no file descriptors, no memory to fork
+                    raise LedgerError(f"cannot start the ledger's writer: {exc}") from None
             if not self._ready:
                 await self._wait_ready()
             reader, writer = self._reader, self._writer
@@ -177,7 +182,9 @@ class WriterProcess:
 
     async def _wait_ready(self) -> None:
         assert self._reader is not None
+        self._unsettled = True  # a wait cut short leaves the answer unread
         answer = await read_frame(self._reader)
+        self._unsettled = False
         if not isinstance(answer, list) or answer[0] != "ready":
             await self._end()
             reason = answer[1] if isinstance(answer, list) else "it exited while starting"
@@ -194,10 +201,13 @@ class WriterProcess:
             await self._end()
 
     async def _end(self) -> None:
+        """End the writer; forget it only once it has exited (a cancelled wait leaves it
+        known, for :meth:`close` or the next transaction to wait for again)."""
         writer, process = self._writer, self._process
-        self._writer = self._reader = self._process = None
-        self._unsettled = False
         await children.end(writer, process, "ledger's writer")
+        if process is self._process:
+            self._writer = self._reader = self._process = None
+            self._unsettled = False
 
 
 def _raise_priority(pid: int, first: bool) -> None:
@@ -212,6 +222,8 @@ def _raise_priority(pid: int, first: bool) -> None:
     """
     try:
         os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) - PRIORITY_BOOST)
+    except ProcessLookupError:
+        return  # already gone: the next transaction says so
     except OSError as exc:  # PermissionError without the capability
         if first:
             log.info("the ledger's writer runs at the gateway's priority (%s): give the "
@@ -261,9 +273,29 @@ def _connection_settings(conn: sqlite3.Connection) -> dict[str, Any]:
     return {"journal_mode": journal_mode, "synchronous": synchronous}
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process (SIGKILL) the moment the gateway dies (Linux's
+    ``PR_SET_PDEATHSIG``), and exit now if it is already gone.
+
+    A writer that outlived a killed gateway could commit a transaction it still had (one
+    waiting for another connection's lock, say) after the next gateway had loaded the
+    ledger: that gateway would not know of it, and the broker would redeliver the batch,
+    charged then a second time. Killed with the gateway, a transaction not committed yet
+    is rolled back, and whatever was committed is there before anyone loads.
+    """
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the gateway died before the line above
+        os._exit(1)
+
+
 def main() -> int:
     # Ctrl-C and a service manager's SIGTERM reach the whole process group: the gateway
     # stops cleanly and closes the socket, and a transaction in hand is finished first.
+    # When the gateway dies, this process dies with it (die_with_parent).
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     quiet_collector()

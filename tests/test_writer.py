@@ -8,9 +8,12 @@ whose answer was lost (success: never committed twice)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import select
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from gateway.ledger import LedgerWrite
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.writer import PRIORITY_BOOST, Statement, WriterProcess
 from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
-from tests.test_ledger_contract import T0, debit, device
+from tests.test_ledger_contract import ROOT, T0, debit, device
 
 
 @pytest.fixture
@@ -275,3 +278,80 @@ async def test_without_the_right_to_raise_it_the_writer_runs_at_the_gateways(
         assert "CAP_SYS_NICE" in caplog.text
     finally:
         await ledger.close()
+
+
+async def test_a_retry_of_a_commit_whose_outcome_was_unknown_commits_nothing_twice(
+    losing: tuple[SqliteLedger, LosingWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer died after its COMMIT and the marker could not be read: the caller gets
+    an error and retries the same write, which finds the marker and commits nothing."""
+    ledger, writer = losing
+    writer.fates = ["after"]
+    read = ledger.get_meta
+
+    async def unreadable_once(key: str) -> bytes | None:
+        monkeypatch.setattr(ledger, "get_meta", read)
+        raise LedgerError("disk I/O error")
+
+    monkeypatch.setattr(ledger, "get_meta", unreadable_once)
+    write = LedgerWrite(debits=[debit("a", "api_calls", 10, 20, 4, T0)])
+    with pytest.raises(LedgerError):
+        await ledger.commit(write)
+    await ledger.commit(write)  # the caller's retry
+    assert await ledger.totals("a") == (0, 7)  # once, not twice
+    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 20, 30, 5, T0)]))
+    assert await ledger.totals("a") == (0, 12)
+
+
+async def test_a_writer_that_cannot_be_started_is_a_ledger_error(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await kill_writer(ledger)
+
+    async def no_fork(module: str) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("gateway.children.spawn", no_fork)
+    with pytest.raises(LedgerError, match="cannot start the ledger's writer"):
+        await ledger.commit(LedgerWrite(devices=[device("a")]))
+
+
+OWNER_OF_A_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from gateway.writer import WriterProcess
+
+async def main():
+    writer = WriterProcess(Path(sys.argv[1]), 5000)
+    await writer.start()
+    await writer.transaction([])  # ready
+    print(writer.pid, flush=True)
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_writer_dies_with_the_process_that_owns_it(tmp_path: Path) -> None:
+    """Killed with it, whatever it is doing (PR_SET_PDEATHSIG): here it is stopped, so it
+    cannot even see the end of its socket, and still it is gone at once. (A writer that
+    outlived a killed gateway could commit a transaction it still had, one waiting for
+    another connection's lock, say, after the next gateway had loaded the ledger: found
+    in review. Without the fix this test fails, the writer left stopped.)"""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER_OF_A_WRITER, str(tmp_path / "ledger.sqlite3"), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    pid = int(await asyncio.wait_for(child.stdout.readline(), 30))
+    writer_exited = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        child.kill()
+        await child.wait()
+        ready, _, _ = await asyncio.to_thread(select.select, [writer_exited], [], [], 10)
+        assert ready == [writer_exited]
+    finally:
+        os.close(writer_exited)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
