@@ -140,25 +140,24 @@ class _Acks:
         self.connection, self.count = connection, 0
 
     def take(self) -> None:
-        """Count the PUBACKs already read; anything else from the broker is an error."""
+        """Count the PUBACKs already read."""
         while (packet := self.connection.buffer.next_packet()) is not None:
-            if not isinstance(packet, bytes) or packet[0] != PUBACK:
-                raise RawMqttError(f"unexpected packet while publishing: {packet!r}")
-            self.count += 1
+            self._count(packet)
 
     def wait(self, count: int, timeout: float) -> None:
         """Read until ``count`` PUBACKs have come in all."""
         deadline = time.monotonic() + timeout
-        self.take()
         while self.count < count:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RawMqttError(f"the broker acknowledged {self.count} of {count}")
-            packet = self.connection.next_packet(left)
-            if not isinstance(packet, bytes) or packet[0] != PUBACK:
-                raise RawMqttError(f"unexpected packet while publishing: {packet!r}")
-            self.count += 1
-            self.take()
+            self._count(self.connection.next_packet(left))  # what is held comes first
+
+    def _count(self, packet: Publish | bytes) -> None:
+        """One more PUBACK; anything else from the broker is an error."""
+        if not isinstance(packet, bytes) or packet[0] != PUBACK:
+            raise RawMqttError(f"unexpected packet while publishing: {packet!r}")
+        self.count += 1
 
 
 def publish_paced(

@@ -116,7 +116,6 @@ _MOVEMENT_COLUMNS = (
 )
 _INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS})"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
-_MARK_COMMIT = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_commit', ?)"
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 LOCAL_CACHE_KIB = 256  # the page cache of this process's own connection
 _MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
@@ -336,7 +335,7 @@ class SqliteLedger:
 
         def statements() -> Iterator[Statement]:  # built anew, lazily, for each attempt
             yield from _statements(write)
-            yield _MARK_COMMIT, [marker]
+            yield _SET_META, ["last_commit", marker]
 
         for attempt in (1, 2):
             try:

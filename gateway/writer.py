@@ -151,9 +151,12 @@ class WriterProcess:
         starts by replacing this writer (it finishes what it had, and exits).
         """
         async with self._lock:
-            if self._unsettled or self._writer is None or self._writer.is_closing():
-                await self._end()
-            if self._writer is None or self._exited():
+            if (
+                self._unsettled
+                or self._writer is None
+                or self._writer.is_closing()
+                or self._exited()
+            ):
                 await self._end()
                 try:
                     await self.start()
@@ -275,20 +278,19 @@ def _connection_settings(conn: sqlite3.Connection) -> dict[str, Any]:
 
 def die_with_parent() -> None:
     """Have the kernel kill this process (SIGKILL) the moment the gateway dies (Linux's
-    ``PR_SET_PDEATHSIG``), and exit now if it is already gone.
+    ``PR_SET_PDEATHSIG``).
 
     A writer that outlived a killed gateway could commit a transaction it still had (one
     waiting for another connection's lock, say) after the next gateway had loaded the
     ledger: that gateway would not know of it, and the broker would redeliver the batch,
     charged then a second time. Killed with the gateway, a transaction not committed yet
-    is rolled back, and whatever was committed is there before anyone loads.
+    is rolled back, and whatever was committed is there before anyone loads. (A gateway
+    that died before this call sent no transaction: the first waits for ``ready``, which
+    comes after it.)
     """
-    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the gateway died before the line above
-        os._exit(1)
 
 
 def main() -> int:
