@@ -265,14 +265,7 @@ class SqliteLedger:
         """Raise sqlite3's errors (and a value too big for SQLite) as LedgerError."""
         try:
             yield
-        except (
-            sqlite3.Error,
-            OverflowError,
-            InvalidMessage,
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as exc:
+        except _STORAGE_ERRORS as exc:
             raise LedgerError(f"ledger {self.path}: {doing}: {exc}") from None
 
     @property
