@@ -4,6 +4,7 @@ loop, its flow control, reconnecting, and what it leaves behind when it stops.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import select
 import socket
@@ -12,6 +13,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import BrokerError
-from gateway.mqtt import MESSAGES_PER_TURN, BrokerUrl, Incoming, MqttClient, _Reader
+from gateway.mqtt import MESSAGES_PER_TURN, BrokerUrl, Incoming, MqttClient, _Reader, merge_queued
 from gateway.mqtt_packets import Publish
 from tests.helpers import Listener, free_port, mqtt_packet, unique_prefix
 
@@ -419,3 +421,56 @@ async def test_a_puback_for_no_publication_of_ours_is_ignored(shared_broker: Any
         assert client._client._inflight_messages == 0
     finally:
         await client.disconnect()
+
+
+async def test_the_publications_of_one_turn_go_out_in_one_send_and_are_each_confirmed(
+    shared_broker: Any,
+) -> None:
+    total, topic = 60, f"{unique_prefix()}/together"
+    published: list[int] = []
+    client = MqttClient(
+        BrokerUrl.parse(shared_broker.url), f"together-{unique_prefix()}",
+        on_published=published.append,
+    )  # fmt: skip
+    await client.connect()
+    try:
+        async with Listener.connect(shared_broker.url, topic) as listener:
+            counting = client._socket._sock = _CountingSends(client._socket._sock)
+            mids = [client.publish(topic, b"%d" % i, retain=i % 2 == 0) for i in range(total)]
+            assert await client.flush(TIMEOUT)
+            assert counting.sends == 1  # sixty publications, one write (sixty without merging)
+            assert sorted(published) == sorted(mids)
+            last = await listener.wait_for(lambda m: m.payload == b"%d" % (total - 1))
+            assert [m.payload for m in listener.messages] == [b"%d" % i for i in range(total)]
+            assert last.topic == topic
+    finally:
+        await client.disconnect()
+
+
+def _queued(command: int, packet: bytes, qos: int = 1, pos: int = 0) -> dict[str, Any]:
+    return {"command": command, "mid": 1, "qos": qos, "pos": pos,
+            "to_process": len(packet) - pos, "packet": packet, "info": None}  # fmt: skip
+
+
+def test_queued_packets_merge_in_order_except_those_paho_finishes_itself() -> None:
+    """A QoS 0 PUBLISH (paho reports it written) and a DISCONNECT (paho closes after it)
+    stay packets of their own; the runs between them become one packet each, a partly
+    written first packet from where it stopped."""
+    publish, puback = paho.PUBLISH | 0x02, paho.PUBACK
+    qos0, disconnect = _queued(paho.PUBLISH, b"Q0", qos=0), _queued(paho.DISCONNECT, b"DC")
+    out = collections.deque(
+        [_queued(publish, b"xxP1", pos=2), _queued(puback, b"A1"), qos0,
+         _queued(publish, b"P2"), _queued(paho.PINGREQ, b"PR"), disconnect]
+    )  # fmt: skip
+    merge_queued(out)
+    assert [p["packet"] for p in out] == [b"P1A1", b"Q0", b"P2PR", b"DC"]
+    assert out[1] is qos0
+    assert out[3] is disconnect
+    assert [(p["pos"], p["to_process"]) for p in (out[0], out[2])] == [(0, 4), (0, 4)]
+    for merged in (out[0], out[2]):  # nothing for paho to do once written
+        assert merged["command"] & 0xF0 not in (paho.PUBLISH, paho.DISCONNECT)
+
+    single = collections.deque([_queued(publish, b"P3")])
+    merge_queued(single)
+    assert [p["packet"] for p in single] == [b"P3"]
+    assert single[0]["command"] == publish

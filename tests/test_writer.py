@@ -23,7 +23,7 @@ import pytest
 from gateway.errors import LedgerError, WriterLost
 from gateway.ledger import LedgerWrite
 from gateway.sqlite_ledger import SqliteLedger
-from gateway.writer import PRIORITY_BOOST, Statement, WriterProcess
+from gateway.writer import PRIORITY_BOOST, SEND_BYTES, Statement, WriterProcess
 from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
 from tests.test_ledger_contract import ROOT, T0, debit, device
 
@@ -173,18 +173,20 @@ async def test_a_transaction_broken_off_half_sent_commits_none_of_it(
     await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 0, 20, 5, T0)]))
     assert [d.id for d in (await ledger.load()).devices] == ["a"]  # not b
     assert await ledger.totals("a") == (0, 5)
-    assert ledger.writer.started == 2
+    assert ledger.writer.started == 1  # nothing had gone out yet: the writer stays
 
-    def broken_off() -> Iterator[Statement]:
-        yield "INSERT INTO meta (key, value) VALUES ('half', x'00')", []
+    def broken_off(sent: int) -> Iterator[Statement]:
+        # parameters of `sent` bytes: past SEND_BYTES, the statement has gone out
+        yield "INSERT INTO meta (key, value) VALUES ('half', ?)", [b"x" * sent]
         raise asyncio.CancelledError
 
-    with pytest.raises(asyncio.CancelledError):
-        await ledger.writer.transaction(broken_off())
-    await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", 20, 30, 1, T0)]))
-    assert await ledger.get_meta("half") is None
-    assert await ledger.totals("a") == (0, 6)
-    assert ledger.writer.started == 3
+    for sent, writers, upto in ((10, 1, 30), (SEND_BYTES, 2, 40)):
+        with pytest.raises(asyncio.CancelledError):
+            await ledger.writer.transaction(broken_off(sent))
+        await ledger.commit(LedgerWrite(debits=[debit("a", "api_calls", upto - 10, upto, 1, T0)]))
+        assert await ledger.get_meta("half") is None
+        assert ledger.writer.started == writers  # replaced once a statement had gone out
+    assert await ledger.totals("a") == (0, 7)
 
 
 async def test_the_writer_exits_when_the_ledger_closes(tmp_path: Path) -> None:
