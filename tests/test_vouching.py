@@ -1,0 +1,58 @@
+"""The receiver's vouching (gateway/receiver.py, ``Vouching``): a batch checked on the
+loop or on threads gives, in order, exactly what :func:`vouching_key` gives message by
+message: the device's key for a good signature, None for anything it cannot vouch for."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from gateway.ingest import vouching_key
+from gateway.keytable import KeyTable
+from gateway.mqtt import Incoming
+from gateway.receiver import INLINE_VOUCH, Vouching
+from gateway.topics import Topics
+from tests.helpers import RawDevice
+
+TOPICS = Topics("t")
+
+
+def _batch(size: int) -> tuple[list[Incoming], KeyTable]:
+    """``size`` messages of six devices: good reports, a forged one, an unknown device's,
+    bytes that are no envelope, a report on another device's topic."""
+    devices = [RawDevice(f"dev-{i}") for i in range(6)]
+    keys = KeyTable((d.id, d.key.public_key().public_bytes_raw()) for d in devices[:5])
+    messages = []
+    for index in range(size):
+        device = devices[index % len(devices)]
+        topic, payload = TOPICS.usage(device.id), device.report({"api_calls": index})
+        if index % 7 == 3:  # forged: the signature of another report
+            payload = payload[:-64] + devices[0].report({"api_calls": 1})[-64:]
+        elif index % 11 == 5:
+            payload = b"\x93not an envelope"
+        elif index % 13 == 6:  # signed by one device, sent on another's topic
+            topic = TOPICS.usage(devices[(index + 1) % 5].id)
+        messages.append(Incoming(topic, payload, index + 1, 1, False, 1, None))
+    return messages, keys
+
+
+@pytest.mark.parametrize("size", [1, INLINE_VOUCH, INLINE_VOUCH + 1, 300])
+async def test_a_batch_is_vouched_for_in_order_as_message_by_message(size: int) -> None:
+    messages, keys = _batch(size)
+    vouching = Vouching(TOPICS, keys)
+    threads: set[int] = set()
+    check = vouching._check
+
+    def recording(chunk: Sequence[Incoming]) -> list[bytes | None]:
+        threads.add(threading.get_ident())
+        return check(chunk)
+
+    vouching._check = recording  # type: ignore[method-assign]
+    expected = [vouching_key(TOPICS.device_of_usage(m.topic), m.payload, keys) for m in messages]
+    assert await vouching.check(messages) == expected
+    assert None in expected or size < 4  # the batch holds what cannot be vouched for
+    assert any(key is not None for key in expected)
+    on_the_loop = threads == {threading.get_ident()}
+    assert on_the_loop == (size <= INLINE_VOUCH)  # larger batches go to the threads
