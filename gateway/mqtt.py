@@ -50,6 +50,8 @@ MISC_INTERVAL = 1.0  # seconds between paho's keep-alive checks (``loop_misc``)
 RECONNECT_DELAYS = (1.0, 2.0, 4.0, 8.0)  # after a lost connection or a failed attempt
 READS_PER_TURN = 64  # ``loop_read`` calls in one turn of the loop at most
 READ_AHEAD = 65536  # bytes asked of the kernel at once (see _Reader)
+MERGE_BYTES = 65536  # queued packets merged into one of at most this size (merge_queued)
+MERGE_SCAN_BYTES = 16 * MERGE_BYTES  # how far into paho's queue merge_queued looks
 MESSAGES_PER_TURN = 256  # messages delivered in one turn of the loop at most
 _PUBACK = struct.Struct(">BBH")  # fixed header (type, remaining length 2), message id
 _PUBACK_HEAD = bytes((paho.PUBACK, 2))
@@ -115,44 +117,46 @@ def _no_delay(sock: Any) -> None:
 
 
 def merge_queued(out: deque[Any]) -> None:
-    """Merge the runs of packets in paho's outgoing queue ``out`` (its private
-    ``_out_packet``) that paho does nothing with once written into one packet each, in
-    order, so that they go out in one ``send``.
+    """Merge the runs of packets at the head of paho's outgoing queue ``out`` (its
+    private ``_out_packet``) that paho does nothing with once written into packets of up
+    to ``MERGE_BYTES``, in order, so that each goes out in one ``send``.
 
     paho writes each packet with a ``send`` of its own, and each is a TCP segment the
     broker wakes up for (Nagle is off): the fleet state's publications, 2,000 a second
     with 1,000 devices reporting, and each batch's control messages. A written QoS 1
     PUBLISH, a PUBACK, a SUBSCRIBE or a PINGREQ needs nothing more from paho (a PUBLISH
     is confirmed by its PUBACK, from ``_out_messages``); a QoS 0 PUBLISH (``on_publish``)
-    and a DISCONNECT (closing) do, and stay packets of their own. A packet partly written
-    already goes in from where it stopped. On a lost connection paho drops the queue
-    (and re-sends unconfirmed publications from ``_out_messages``), merged or not.
+    and a DISCONNECT (closing) do, and stay packets of their own, as does a packet
+    already partly written. Only the first ``MERGE_SCAN_BYTES`` are looked at, and merged
+    packets stay small, so a backlog (a broker that reads slowly) costs no copying that
+    grows with it. The queue is only taken from at its head and put back there: paho's
+    connecting thread may append to it meanwhile. On a lost connection paho drops the
+    queue (and re-sends unconfirmed publications from ``_out_messages``), merged or not.
     """
-    if len(out) < 2:
-        return
-    merged: list[dict[str, Any]] = []
-    run: list[bytes] = []
-    for packet in out:
-        kind = packet["command"] & 0xF0
-        if (kind == paho.PUBLISH and packet["qos"] == 0) or kind == paho.DISCONNECT:
-            _close_run(run, merged)
-            merged.append(packet)
-        else:
-            run.append(bytes(packet["packet"][packet["pos"] :]))
-    _close_run(run, merged)
-    out.clear()
-    out.extend(merged)
+    done: list[Any] = []
+    scanned = 0
+    while out and scanned < MERGE_SCAN_BYTES:
+        run = [out.popleft()]
+        size = len(run[0]["packet"])
+        if _mergeable(run[0]):
+            while out and _mergeable(out[0]) and size + len(out[0]["packet"]) <= MERGE_BYTES:
+                run.append(out.popleft())
+                size += len(run[-1]["packet"])
+        scanned += size
+        done.append(run[0] if len(run) == 1 else _merged(run))
+    out.extendleft(reversed(done))
 
 
-def _close_run(run: list[bytes], merged: list[dict[str, Any]]) -> None:
-    if not run:
-        return
-    data = run[0] if len(run) == 1 else b"".join(run)
-    merged.append(
-        {"command": paho.PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data),
-         "packet": data, "info": None}
-    )  # fmt: skip
-    run.clear()
+def _mergeable(packet: dict[str, Any]) -> bool:
+    kind = packet["command"] & 0xF0
+    finished_by_paho = (kind == paho.PUBLISH and packet["qos"] == 0) or kind == paho.DISCONNECT
+    return packet["pos"] == 0 and not finished_by_paho
+
+
+def _merged(run: list[dict[str, Any]]) -> dict[str, Any]:
+    data = b"".join([packet["packet"] for packet in run])
+    return {"command": paho.PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data),
+            "packet": data, "info": None}  # fmt: skip
 
 
 class _Reader:

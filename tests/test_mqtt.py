@@ -21,7 +21,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import BrokerError
-from gateway.mqtt import MESSAGES_PER_TURN, BrokerUrl, Incoming, MqttClient, _Reader, merge_queued
+from gateway.mqtt import (
+    MERGE_BYTES,
+    MERGE_SCAN_BYTES,
+    MESSAGES_PER_TURN,
+    BrokerUrl,
+    Incoming,
+    MqttClient,
+    _Reader,
+    merge_queued,
+)
 from gateway.mqtt_packets import Publish
 from tests.helpers import Listener, free_port, mqtt_packet, unique_prefix
 
@@ -453,24 +462,43 @@ def _queued(command: int, packet: bytes, qos: int = 1, pos: int = 0) -> dict[str
 
 
 def test_queued_packets_merge_in_order_except_those_paho_finishes_itself() -> None:
-    """A QoS 0 PUBLISH (paho reports it written) and a DISCONNECT (paho closes after it)
-    stay packets of their own; the runs between them become one packet each, a partly
-    written first packet from where it stopped."""
+    """A QoS 0 PUBLISH (paho reports it written), a DISCONNECT (paho closes after it)
+    and a packet partly written stay packets of their own; the runs between them become
+    one packet each."""
     publish, puback = paho.PUBLISH | 0x02, paho.PUBACK
+    partly = _queued(publish, b"xxP1", pos=2)
     qos0, disconnect = _queued(paho.PUBLISH, b"Q0", qos=0), _queued(paho.DISCONNECT, b"DC")
     out = collections.deque(
-        [_queued(publish, b"xxP1", pos=2), _queued(puback, b"A1"), qos0,
+        [partly, _queued(puback, b"A1"), _queued(puback, b"A2"), qos0,
          _queued(publish, b"P2"), _queued(paho.PINGREQ, b"PR"), disconnect]
     )  # fmt: skip
     merge_queued(out)
-    assert [p["packet"] for p in out] == [b"P1A1", b"Q0", b"P2PR", b"DC"]
-    assert out[1] is qos0
-    assert out[3] is disconnect
-    assert [(p["pos"], p["to_process"]) for p in (out[0], out[2])] == [(0, 4), (0, 4)]
-    for merged in (out[0], out[2]):  # nothing for paho to do once written
+    assert [p["packet"] for p in out] == [b"xxP1", b"A1A2", b"Q0", b"P2PR", b"DC"]
+    assert out[0] is partly
+    assert out[2] is qos0
+    assert out[4] is disconnect
+    assert [(p["pos"], p["to_process"]) for p in (out[1], out[3])] == [(0, 4), (0, 4)]
+    for merged in (out[1], out[3]):  # nothing for paho to do once written
         assert merged["command"] & 0xF0 not in (paho.PUBLISH, paho.DISCONNECT)
 
     single = collections.deque([_queued(publish, b"P3")])
     merge_queued(single)
     assert [p["packet"] for p in single] == [b"P3"]
     assert single[0]["command"] == publish
+
+
+def test_a_backlog_is_merged_in_bounded_packets_and_only_at_its_head() -> None:
+    """A broker that reads slowly leaves a long queue: merged packets stay under
+    MERGE_BYTES, only the first MERGE_SCAN_BYTES are looked at, and nothing is lost or
+    reordered, however often the queue is merged again."""
+    packets = [b"%06d" % i + b"x" * 994 for i in range(3 * MERGE_SCAN_BYTES // 1000)]
+    out = collections.deque(_queued(paho.PUBLISH | 0x02, packet) for packet in packets)
+    merge_queued(out)
+    sizes = [len(p["packet"]) for p in out]
+    assert max(sizes) <= MERGE_BYTES
+    merged = [size for size in sizes if size > 1000]
+    assert MERGE_SCAN_BYTES <= sum(merged) <= MERGE_SCAN_BYTES + MERGE_BYTES
+    assert sizes[len(merged) :] == [1000] * (len(packets) - sum(merged) // 1000)  # untouched
+    for _ in range(5):
+        merge_queued(out)
+    assert b"".join(p["packet"] for p in out) == b"".join(packets)
