@@ -49,23 +49,24 @@ def _string(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _packet(first: int, body: bytes) -> bytes:
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet: its first byte, the remaining length, ``body``."""
     return bytes((first,)) + _length(len(body)) + body
 
 
 def connect_packet(client_id: str, keepalive: int = KEEPALIVE) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session."""
-    return _packet(0x10, _string("MQTT") + bytes((4, 0x02)) + keepalive.to_bytes(2, "big")
+    return mqtt_packet(0x10, _string("MQTT") + bytes((4, 0x02)) + keepalive.to_bytes(2, "big")
                    + _string(client_id))  # fmt: skip
 
 
 def subscribe_packet(mid: int, topic_filter: str, qos: int = 1) -> bytes:
-    return _packet(0x82, mid.to_bytes(2, "big") + _string(topic_filter) + bytes((qos,)))
+    return mqtt_packet(0x82, mid.to_bytes(2, "big") + _string(topic_filter) + bytes((qos,)))
 
 
 def publish_packet(topic: str, payload: bytes, mid: int) -> bytes:
     """PUBLISH at QoS 1, not retained, with message id ``mid`` (1 to 65,535)."""
-    return _packet(0x32, _string(topic) + mid.to_bytes(2, "big") + payload)
+    return mqtt_packet(0x32, _string(topic) + mid.to_bytes(2, "big") + payload)
 
 
 def puback_packet(mid: int) -> bytes:

@@ -39,16 +39,6 @@ TOKEN = "test-admin-token"
 PRICES = {"api_calls": "0.01", "gpu_seconds": "1/3", "bytes_out": "1/1000"}
 
 
-def mqtt_packet(first: int, body: bytes) -> bytes:
-    """An MQTT packet as the broker sends it: first byte, remaining length, body."""
-    length, size = bytearray(), len(body)
-    while True:
-        size, digit = divmod(size, 128)
-        length.append(digit | (0x80 if size else 0))
-        if not size:
-            return bytes([first]) + bytes(length) + body
-
-
 def unique_prefix() -> str:
     return f"test/{uuid.uuid4().hex[:12]}"
 

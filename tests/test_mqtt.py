@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import select
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.raw_mqtt import mqtt_packet
 from gateway.errors import BrokerError
 from gateway.mqtt import (
     MERGE_BYTES,
@@ -32,7 +35,7 @@ from gateway.mqtt import (
     merge_queued,
 )
 from gateway.mqtt_packets import Publish
-from tests.helpers import Listener, free_port, mqtt_packet, unique_prefix
+from tests.helpers import Listener, free_port, unique_prefix
 
 TIMEOUT = 10.0
 LOCALHOST = ip_address("127.0.0.1")
@@ -392,6 +395,24 @@ def test_the_reader_confirms_pubacks_it_may_and_hands_paho_those_it_may_not() ->
             reading.recv(1)
 
 
+@contextlib.asynccontextmanager
+async def _publishing(
+    broker: Any, name: str, **options: Any
+) -> AsyncIterator[tuple[MqttClient, list[int]]]:
+    """A client connected to ``broker`` (more ``MqttClient`` options in ``options``),
+    and the message ids it reports published, as they come."""
+    published: list[int] = []
+    client = MqttClient(
+        BrokerUrl.parse(broker.url), f"{name}-{unique_prefix()}",
+        on_published=published.append, **options,
+    )  # fmt: skip
+    await client.connect()
+    try:
+        yield client, published
+    finally:
+        await client.disconnect()
+
+
 @pytest.mark.parametrize("max_inflight", [0, 7])
 async def test_every_publish_is_confirmed_once_and_forgotten(
     shared_broker: Any, max_inflight: int
@@ -399,13 +420,8 @@ async def test_every_publish_is_confirmed_once_and_forgotten(
     """The broker's PUBACKs of our publications, taken by the reader (no in-flight
     limit) or left to paho (with one, whose queue they move on): each publish is reported
     once, and paho keeps none of them, so a reconnect would re-send nothing."""
-    published: list[int] = []
-    client = MqttClient(
-        BrokerUrl.parse(shared_broker.url), f"confirm-{unique_prefix()}",
-        on_published=published.append, max_inflight=max_inflight,
-    )  # fmt: skip
-    await client.connect()
-    try:
+    async with _publishing(shared_broker, "confirm", max_inflight=max_inflight) as publisher:
+        client, published = publisher
         topic = f"{unique_prefix()}/confirm"
         mids = [client.publish(topic, i.to_bytes(2, "big")) for i in range(500)]
         assert await client.flush(TIMEOUT)
@@ -413,47 +429,31 @@ async def test_every_publish_is_confirmed_once_and_forgotten(
         assert client.unconfirmed == 0
         assert client._client._out_messages == {}
         assert client._client._inflight_messages == 0
-    finally:
-        await client.disconnect()
 
 
 async def test_a_puback_for_no_publication_of_ours_is_ignored(shared_broker: Any) -> None:
-    published: list[int] = []
-    client = MqttClient(
-        BrokerUrl.parse(shared_broker.url), f"stray-{unique_prefix()}",
-        on_published=published.append,
-    )  # fmt: skip
-    await client.connect()
-    try:
+    async with _publishing(shared_broker, "stray") as (client, published):
         assert client._confirm(4242)  # taken care of: there is nothing to do
         assert published == []
         assert client._client._inflight_messages == 0
-    finally:
-        await client.disconnect()
 
 
 async def test_the_publications_of_one_turn_go_out_in_one_send_and_are_each_confirmed(
     shared_broker: Any,
 ) -> None:
     total, topic = 60, f"{unique_prefix()}/together"
-    published: list[int] = []
-    client = MqttClient(
-        BrokerUrl.parse(shared_broker.url), f"together-{unique_prefix()}",
-        on_published=published.append,
-    )  # fmt: skip
-    await client.connect()
-    try:
-        async with Listener.connect(shared_broker.url, topic) as listener:
-            counting = client._socket._sock = _CountingSends(client._socket._sock)
-            mids = [client.publish(topic, b"%d" % i, retain=i % 2 == 0) for i in range(total)]
-            assert await client.flush(TIMEOUT)
-            assert counting.sends == 1  # sixty publications, one write (sixty without merging)
-            assert sorted(published) == sorted(mids)
-            last = await listener.wait_for(lambda m: m.payload == b"%d" % (total - 1))
-            assert [m.payload for m in listener.messages] == [b"%d" % i for i in range(total)]
-            assert last.topic == topic
-    finally:
-        await client.disconnect()
+    async with (
+        _publishing(shared_broker, "together") as (client, published),
+        Listener.connect(shared_broker.url, topic) as listener,
+    ):
+        counting = client._socket._sock = _CountingSends(client._socket._sock)
+        mids = [client.publish(topic, b"%d" % i, retain=i % 2 == 0) for i in range(total)]
+        assert await client.flush(TIMEOUT)
+        assert counting.sends == 1  # sixty publications, one write (sixty without merging)
+        assert sorted(published) == sorted(mids)
+        last = await listener.wait_for(lambda m: m.payload == b"%d" % (total - 1))
+        assert [m.payload for m in listener.messages] == [b"%d" % i for i in range(total)]
+        assert last.topic == topic
 
 
 def _queued(command: int, packet: bytes, qos: int = 1, pos: int = 0) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from bench.raw_mqtt import mqtt_packet
 from gateway.mqtt_packets import PacketBuffer, Publish
-from tests.helpers import mqtt_packet
 
 
 def publish_packet(
