@@ -60,9 +60,8 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 CACHE_KIB = 1024
 # A transaction's frames go to the writer in writes of about this size (a small one in one
 # write, with its commit): each write wakes the writer, and a wake-up of a process on the
-# other core is dear, above all in a virtual machine (at 2,000 reports/s, a send a
-# statement was 7 % of the gateway's samples, docs/performance.md). The writer reads with
-# a buffer of the same size.
+# other core is dear, above all in a virtual machine (docs/performance.md, "Fewer
+# wake-ups"). The writer reads with a buffer of the same size.
 SEND_BYTES = 64 * 1024
 
 
