@@ -30,7 +30,7 @@ from gateway.ledger import Ledger
 from gateway.metrics import Metrics
 from gateway.mqtt import BrokerUrl, MqttClient
 from gateway.receiver import Receiver
-from gateway.runtime import quiet_collector
+from gateway.runtime import LOOP_BOOST, quiet_collector, raised_priority
 from gateway.service import MeteringService
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.topics import Topics
@@ -107,16 +107,21 @@ class Gateway:
     _connections: int = 0
 
     async def run(self) -> None:
-        """Serve until :meth:`stop` (or a signal, via :func:`serve`); then stop cleanly."""
-        settings = self.settings
-        ledger = self.ledger or SqliteLedger(settings.db)
-        await ledger.open()
-        try:
-            await self._run_with(ledger)
-        finally:
-            await ledger.close()
+        """Serve until :meth:`stop` (or a signal, via :func:`serve`); then stop cleanly.
 
-    async def _run_with(self, ledger: Ledger) -> None:
+        The event loop runs ``LOOP_BOOST`` nice levels above the priority it was started
+        with, where allowed, and the ledger's writer (started now) above it; the receiver
+        runs at the priority the gateway was started with (gateway.runtime).
+        """
+        with raised_priority(LOOP_BOOST) as started_nice:
+            ledger = self.ledger or SqliteLedger(self.settings.db)
+            await ledger.open()
+            try:
+                await self._run_with(ledger, started_nice)
+            finally:
+                await ledger.close()
+
+    async def _run_with(self, ledger: Ledger, receiver_nice: int) -> None:
         settings = self.settings
         key = await signing_key(ledger)
         token = admin_token(settings.db)
@@ -132,7 +137,7 @@ class Gateway:
         receiver = Receiver(
             settings.broker, settings.client_id, settings.topic_prefix, service.inbox,
             service.public_keys, max_unacknowledged=MAX_UNACKNOWLEDGED,
-            on_restart=service.metrics.receiver_restarts.inc,
+            on_restart=service.metrics.receiver_restarts.inc, nice=receiver_nice,
         )  # fmt: skip
         await receiver.spawn()  # its interpreter starts while the ledger loads
         try:

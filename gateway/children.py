@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
 
@@ -16,10 +17,11 @@ STOP_TIMEOUT = 10.0  # seconds a child has to exit after its socket is closed
 Child = tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def spawn(module: str) -> Child:
+async def spawn(module: str, nice: int | None = None) -> Child:
     """Start ``python -m module FD`` with the other end of a new socket pair as ``FD``;
     returns the process and this end as a stream. The child's interpreter starts while
-    the caller goes on."""
+    the caller goes on. It runs at the calling thread's priority, or at ``nice`` when
+    given and no higher than the caller's (a lower priority is always allowed)."""
     parent, child = socket.socketpair()
     try:
         with child:
@@ -27,6 +29,9 @@ async def spawn(module: str) -> Child:
                 sys.executable, "-m", module, str(child.fileno()),
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
+        if nice is not None and nice >= os.getpriority(os.PRIO_PROCESS, 0):
+            with contextlib.suppress(ProcessLookupError):  # gone already: its end says so
+                os.setpriority(os.PRIO_PROCESS, process.pid, nice)
         reader, writer = await asyncio.open_connection(sock=parent)
     except BaseException:
         parent.close()  # the child, if started, reads the end and exits

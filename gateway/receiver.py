@@ -104,7 +104,9 @@ class Receiver:
         *,
         max_unacknowledged: int,
         on_restart: Callable[[], None] | None = None,
+        nice: int | None = None,
     ) -> None:
+        self._nice = nice  # the process's nice value (None: the spawning thread's)
         self._settings = {
             "broker": broker,
             "client_id": client_id,
@@ -133,7 +135,9 @@ class Receiver:
     async def spawn(self) -> None:
         """Start the receiver process without connecting it yet: its interpreter starts
         while the gateway loads its ledger. :meth:`start` does this when not done."""
-        self._process, self._reader, self._writer = await children.spawn("gateway.receiver")
+        self._process, self._reader, self._writer = await children.spawn(
+            "gateway.receiver", self._nice
+        )
 
     async def start(self, timeout: float = 10.0) -> None:
         """Spawn the receiver (unless :meth:`spawn` did), send it every key and wait

@@ -6,11 +6,17 @@ neither lost nor overwritten."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.ledger import LedgerWrite, UsageQuery
+from gateway.runtime import LOOP_BOOST
 from gateway.sqlite_ledger import SqliteLedger
+from gateway.writer import PRIORITY_BOOST
 from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
 
 
@@ -65,3 +71,32 @@ async def test_a_batch_charged_while_the_previous_commits_builds_on_it(
         assert [(h.meter, h.high) for h in snapshot.highs] == [("api_calls", 5000)]
     finally:
         await reopened.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority takes root (or CAP_SYS_NICE)")
+async def test_the_event_loop_runs_above_the_receiver_and_the_writer_above_both(
+    broker: Any, tmp_path: Path
+) -> None:
+    """The serial stages first (gateway.runtime): the event loop ``LOOP_BOOST`` nice levels
+    above the priority the gateway was started with, the writer ``PRIORITY_BOOST`` above
+    the loop; the receiver, a replaced one too, at the priority the gateway started with;
+    the loop back there once the gateway has stopped."""
+    started = os.getpriority(os.PRIO_PROCESS, 0)
+    device = RawDevice("nice-1")
+    async with running_gateway(broker.url, tmp_path) as gw:
+        receiver, writer = gw.gateway.receiver, gw.service.ledger.writer.pid
+        assert receiver is not None
+        assert receiver.pid is not None
+        assert writer is not None
+        assert os.getpriority(os.PRIO_PROCESS, 0) == started - LOOP_BOOST
+        assert os.getpriority(os.PRIO_PROCESS, writer) == started - LOOP_BOOST - PRIORITY_BOOST
+        assert os.getpriority(os.PRIO_PROCESS, receiver.pid) == started
+        await gw.add_device(device.id, device.key, 1_000)
+        first = receiver.pid
+        os.kill(first, signal.SIGKILL)
+        async with Listener.connect(broker.url) as publisher:
+            publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 100}))
+            await gw.wait_committed(lambda: gw.service.registry.devices[device.id].used == 1)
+        assert receiver.pid not in (None, first)
+        assert os.getpriority(os.PRIO_PROCESS, receiver.pid) == started
+    assert os.getpriority(os.PRIO_PROCESS, 0) == started
