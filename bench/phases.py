@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import mqtt
+from bench.load import machine_busy
 from bench.mqtt import BenchError, Drained
 from bench.procs import GatewayProcess, cpu_seconds, run_gateway, wait_counted
 from bench.profile import profiling
@@ -243,16 +244,39 @@ def steady_load(steady: Sequence[BenchDevice], crossing: Sequence[BenchDevice], 
 
 
 @dataclass(frozen=True, slots=True)
+class Cores:
+    """CPU seconds over a phase's ``seconds``: the whole machine's (all cores), the
+    gateway's tree, the broker's and the benchmark's own process (publisher, recorder)."""
+
+    seconds: float
+    machine: float
+    gateway: float
+    broker: float
+    benchmark: float
+
+    @classmethod
+    def during(cls, rig: Rig, process: GatewayProcess, body: Callable[[], object]) -> Cores:
+        """Run ``body`` and measure the CPU each of them used meanwhile."""
+        start = (time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu())
+        ours = time.process_time()
+        body()
+        benchmark = time.process_time() - ours
+        end = (time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu())
+        seconds, machine, gateway, broker = (b - a for a, b in zip(start, end, strict=True))
+        return cls(seconds, machine, gateway, broker, benchmark)
+
+
+@dataclass(frozen=True, slots=True)
 class Latency:
     """A steady load's delays in seconds: publication to control message (crossing
-    reports), publication to the charge's time stamp in the ledger (every report)."""
+    reports), publication to the charge's time stamp in the ledger (every report); the
+    CPU used from the first publication until the last report was committed."""
 
     offered_rate: float
     achieved_rate: float
     to_control: list[float]
     to_charge: list[float]
-    gateway_cpu: float
-    seconds: float
+    cores: Cores
     batches: Batches
 
 
@@ -269,17 +293,21 @@ def latency(
     with gateway(rig, setup) as process:
         settle(rig, setup.topics)
         with mqtt.recording(rig.broker, control_topics) as recorder:
-            cpu, start = process.cpu_seconds(), time.perf_counter()
-            stamps = mqtt.publish_paced(rig.broker, messages, rate, timeout=60 + seconds)
-            achieved = total / (time.perf_counter() - start)
-            wait_counted(process, total, timeout=60)
-            cpu = process.cpu_seconds() - cpu
-            wall = time.perf_counter() - start
+            stamps: list[float] = []
+            achieved = [0.0]
+
+            def load_it() -> None:
+                start = time.perf_counter()
+                stamps.extend(mqtt.publish_paced(rig.broker, messages, rate, 60 + seconds))
+                achieved[0] = total / (time.perf_counter() - start)
+                wait_counted(process, total, timeout=60)
+
+            cores = Cores.during(rig, process, load_it)
             controls = _control_delays(recorder, load, stamps)
         batches = Batches.of(process)
         process.stop()
     charges = _charge_delays(setup.db, load.reports, stamps)
-    return Latency(rate, achieved, controls, charges, cpu, wall, batches)
+    return Latency(rate, achieved[0], controls, charges, cores, batches)
 
 
 def latency_floor(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.mqtt import Drained
-from bench.phases import Batches, Drain, Latency, Memory
+from bench.phases import Batches, Cores, Drain, Latency, Memory
 from bench.verify import VerifyFloor
 
 Number = float | int | None
@@ -146,10 +146,22 @@ def latency_results(latency: Latency, floor: Sequence[float]) -> dict[str, Numbe
         **_delays("latency_floor", floor),
         "latency_offered_per_s": latency.offered_rate,
         "latency_achieved_per_s": latency.achieved_rate,
-        "latency_gateway_cores": latency.gateway_cpu / latency.seconds,
-        **_batches("latency", latency.batches, len(latency.to_charge), latency.seconds),
+        **_cores("latency", latency.cores),
+        **_batches("latency", latency.batches, len(latency.to_charge), latency.cores.seconds),
         **_delays("latency", latency.to_control),
         **_delays("charge_latency", latency.to_charge),
+    }
+
+
+def _cores(prefix: str, cores: Cores) -> dict[str, Number]:
+    """Cores in use on average: the gateway's, the broker's, the benchmark's own, and how
+    busy the whole machine was (a share of all its cores)."""
+    seconds = max(cores.seconds, 1e-9)
+    return {
+        f"{prefix}_gateway_cores": cores.gateway / seconds,
+        f"{prefix}_broker_cores": cores.broker / seconds,
+        f"{prefix}_benchmark_cores": cores.benchmark / seconds,
+        f"{prefix}_machine_busy": cores.machine / seconds / (os.cpu_count() or 1),
     }
 
 
@@ -242,6 +254,10 @@ ROWS = (
     Row("report -> charge, p50", "charge_latency_p50_ms", "{:.1f} ms"),
     Row("report -> charge, p99", "charge_latency_p99_ms", "{:.1f} ms"),
     Row("publisher -> subscriber, p99", "latency_floor_p99_ms", "{:.1f} ms"),
+    Row("machine busy (latency phase)", "latency_machine_busy", "{:.0%}"),
+    Row("  gateway cores", "latency_gateway_cores", "{:.2f}"),
+    Row("  broker cores", "latency_broker_cores", "{:.2f}"),
+    Row("  benchmark's own cores", "latency_benchmark_cores", "{:.2f}"),
     Row("RSS, empty gateway", "rss_baseline_mib", "{:.0f} MiB"),
     Row("RSS, memory devices", "rss_mib", "{:.0f} MiB"),
     Row("RSS per device", "rss_bytes_per_device", "{:.0f} B", "< 1,024 B", ("<", 1024)),

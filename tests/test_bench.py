@@ -22,10 +22,11 @@ MEASURED = [
     "latency_achieved_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
     "latency_max_ms", "charge_latency_samples", "latency_floor_samples", "latency_floor_p99_ms",
     "receive_floor_reader_per_s", "ceiling_reader_per_s", "drain_ratio_reader",
-    "drain_receiver_cores",
+    "drain_receiver_cores", "latency_gateway_cores", "latency_benchmark_cores",
+    "latency_machine_busy",
 ]  # fmt: skip
 # Measured, but a tiny run may use less than a clock tick (10 ms) of a process's CPU.
-MEASURED_MAY_BE_ZERO = ["drain_writer_cores"]
+MEASURED_MAY_BE_ZERO = ["drain_writer_cores", "latency_broker_cores"]
 MEMORY = ["memory_devices", "rss_baseline_mib", "rss_mib", "rss_bytes_per_device", "startup_s"]
 
 
