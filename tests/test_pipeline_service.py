@@ -96,7 +96,9 @@ async def test_the_event_loop_runs_above_the_receiver_and_the_writer_above_both(
         os.kill(first, signal.SIGKILL)
         async with Listener.connect(broker.url) as publisher:
             publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 100}))
-            await gw.wait_committed(lambda: gw.service.registry.devices[device.id].used == 1)
+            await gw.wait_committed(
+                lambda: gw.service.registry.devices[device.id].used == 1, timeout=30
+            )
         assert receiver.pid not in (None, first)
         assert os.getpriority(os.PRIO_PROCESS, receiver.pid) == started
     assert os.getpriority(os.PRIO_PROCESS, 0) == started
