@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import mqtt
@@ -107,16 +107,18 @@ def settle(rig: Rig, topics: Topics, timeout: float = 60) -> None:
 @dataclass(frozen=True, slots=True)
 class Batches:
     """The gateway's own account of its batches (its ``/metrics`` histograms): how many
-    it committed and the seconds its commits took in all."""
+    it committed, the seconds its commits took in all, and the mean seconds of each other
+    stage it times (verify, charge, queued, publish)."""
 
     count: int
     commit_seconds: float
+    stage_means: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, process: GatewayProcess) -> Batches:
         sums = process.histograms()
         count = int(sums.get("tokenwell_batch_size_count", 0))
-        return cls(count, sums.get("tokenwell_commit_seconds_sum", 0.0))
+        return cls(count, sums.get("tokenwell_commit_seconds_sum", 0.0), process.stage_means())
 
 
 @dataclass(frozen=True, slots=True)

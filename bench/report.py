@@ -56,13 +56,17 @@ def _delays(prefix: str, delays: Sequence[float]) -> dict[str, Number]:
 
 
 def _batches(prefix: str, batches: Batches, reports: int, seconds: float) -> dict[str, Number]:
-    """Batches committed, their mean size and commit time, the share of time committing."""
+    """Batches committed, their mean size and commit time, the share of time committing,
+    and the mean time in each other stage the gateway timed."""
     count = max(batches.count, 1)  # never 0 once reports were committed
     return {
         f"{prefix}_batches": batches.count,
         f"{prefix}_mean_batch": reports / count,
         f"{prefix}_mean_commit_ms": batches.commit_seconds / count * 1000,
         f"{prefix}_commit_share": batches.commit_seconds / seconds,
+        **{
+            f"{prefix}_stage_{stage}_ms": mean * 1000 for stage, mean in batches.stage_means.items()
+        },
     }
 
 
@@ -254,6 +258,12 @@ ROWS = (
     Row("report -> charge, p50", "charge_latency_p50_ms", "{:.1f} ms"),
     Row("report -> charge, p99", "charge_latency_p99_ms", "{:.1f} ms"),
     Row("publisher -> subscriber, p99", "latency_floor_p99_ms", "{:.1f} ms"),
+    Row("a batch's stages (latency), mean:", "latency_mean_batch", "{:.0f} rep."),
+    Row("  verify", "latency_stage_verify_ms", "{:.2f} ms"),
+    Row("  charge", "latency_stage_charge_ms", "{:.2f} ms"),
+    Row("  queued for its commit", "latency_stage_queued_ms", "{:.2f} ms"),
+    Row("  commit", "latency_mean_commit_ms", "{:.2f} ms"),
+    Row("  publish after it", "latency_stage_publish_ms", "{:.2f} ms"),
     Row("machine busy (latency phase)", "latency_machine_busy", "{:.0%}"),
     Row("  gateway cores", "latency_gateway_cores", "{:.2f}"),
     Row("  broker cores", "latency_broker_cores", "{:.2f}"),

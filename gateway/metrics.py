@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # seconds
+STAGES = ("verify", "charge", "queued", "publish")  # tokenwell_stage_seconds's stages
+
 
 class Metrics:
     """The gateway's counters; ``render()`` is the ``/metrics`` body."""
@@ -32,7 +35,15 @@ class Metrics:
         )  # fmt: skip
         self.commit_seconds = Histogram(
             "tokenwell_commit_seconds", "Ledger commit duration",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "tokenwell_stage_seconds",
+            "Seconds in a stage of the pipeline: verify and charge (per batch), queued "
+            "(per batch: charged, waiting for its commit to begin), publish (per commit: made "
+            "visible, acknowledged, control messages and events out); the commit itself is "
+            "tokenwell_commit_seconds",
+            ["stage"], buckets=STAGE_BUCKETS, registry=r,
         )  # fmt: skip
         self.commit_failures = Counter(
             "tokenwell_commit_failures", "Ledger commits that failed and were retried", registry=r

@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -52,7 +53,7 @@ from gateway.ingest import (
 )
 from gateway.ledger import Ledger, LedgerWrite, UsageQuery, UsageRow
 from gateway.metering import Device, next_control
-from gateway.metrics import Metrics
+from gateway.metrics import STAGES, Metrics
 from gateway.mqtt import Incoming
 from gateway.statement import StatementError, build_statement
 from gateway.topics import Topics
@@ -70,6 +71,14 @@ MAX_UNCONFIRMED = 2000  # retained publishes in flight before the fleet-state fl
 INLINE_VERIFY = 32  # below this many messages, verifying on the loop beats a thread hop
 MAX_ALLOCATION = 2**62  # balances and sums stay far inside SQLite's 64-bit integers
 MAX_TOKENS = 10**15  # per request; far below 2**63 so sums of many stay in range
+
+
+class Charged(NamedTuple):
+    """A batch handed from the charge stage to the commit stage."""
+
+    batch: list[Incoming]
+    result: BatchResult
+    at: float  # time.perf_counter() when it was charged
 
 
 class Publisher(Protocol):
@@ -130,8 +139,8 @@ class MeteringService:
         self._staged = Staged(self.registry)
         self._idle = asyncio.Event()  # set while no batch is charged and uncommitted
         self._idle.set()
-        self._charged: asyncio.Queue[tuple[list[Incoming], BatchResult]]
-        self._charged = asyncio.Queue(maxsize=MAX_GROUP)
+        self._charged: asyncio.Queue[Charged] = asyncio.Queue(maxsize=MAX_GROUP)
+        self._stage = {name: self.metrics.stage_seconds.labels(name) for name in STAGES}
         self.committed = asyncio.Condition()  # notified after every committed batch
         self.charged = asyncio.Condition()  # notified after every charged (staged) batch
         self.ledger_healthy = True
@@ -178,7 +187,7 @@ class MeteringService:
             first = await _get_or_stop(self.inbox, stopping)
             if first is None:
                 break
-            batch = [first]
+            taken, batch = time.perf_counter(), [first]
             while len(batch) < MAX_BATCH and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
             backlog = self.inbox.qsize() + len(batch)
@@ -186,7 +195,9 @@ class MeteringService:
             self.backlog_high_water = max(self.backlog_high_water, backlog)
             devices = (self.topics.device_of_usage(m.topic) or "" for m in batch)
             self._announce_floods(self._floods.observe(devices, self._clock()))
-            await self._verified.put((batch, await self._verify(batch)))
+            verdicts = await self._verify(batch)
+            self._stage["verify"].observe(time.perf_counter() - taken)
+            await self._verified.put((batch, verdicts))
         await self._verified.put(([], []))  # tells the charge stage to finish
 
     def _announce_floods(self, devices: list[str]) -> None:
@@ -227,15 +238,18 @@ class MeteringService:
             if not batch:
                 break
             async with self._lock:
+                started = time.perf_counter()
                 payloads = [message.payload for message in batch]
                 now = self._clock()
                 result = charge_batch(items, self._staged, self.pricing, now, payloads)
                 self._staged.stage(result)
                 self._idle.clear()
+                charged_at = time.perf_counter()
+                self._stage["charge"].observe(charged_at - started)
             async with self.charged:
                 self.charged.notify_all()
-            await self._charged.put((batch, result))
-        await self._charged.put(([], BatchResult()))  # tells the commit stage to finish
+            await self._charged.put(Charged(batch, result, charged_at))
+        await self._charged.put(Charged([], BatchResult(), 0.0))  # the commit stage's end
 
     async def commit_stage(self, stopping: asyncio.Event) -> None:
         """Commit charged batches, in order; only then make each visible, acknowledge its
@@ -247,23 +261,28 @@ class MeteringService:
             group = [await self._charged.get()]
             while not self._charged.empty() and len(group) < MAX_GROUP:
                 group.append(self._charged.get_nowait())
-            finished = not group[-1][0]  # the charge stage's last word, always last
+            finished = not group[-1].batch  # the charge stage's last word, always last
             if finished:
                 group.pop()
             if not group:
                 continue
-            await self._commit(LedgerWrite.combined([r.write for _, r in group]), stopping)
-            for _, result in group:
-                self.registry.apply(result.devices, result.pools.values())
-                self._staged.unstage(result)
+            begun = time.perf_counter()
+            for charged in group:
+                self._stage["queued"].observe(begun - charged.at)
+            await self._commit(LedgerWrite.combined([c.result.write for c in group]), stopping)
+            committed_at = time.perf_counter()
+            for charged in group:
+                self.registry.apply(charged.result.devices, charged.result.pools.values())
+                self._staged.unstage(charged.result)
             if not self._staged.batches:
                 self._idle.set()
             assert self._receiver is not None
-            for batch, result in group:
+            for batch, result, _ in group:
                 for message in batch:
                     self._receiver.ack(message)
                 self.processed += len(batch)
                 self._after_batch(result, len(batch))
+            self._stage["publish"].observe(time.perf_counter() - committed_at)
             async with self.committed:
                 self.committed.notify_all()
 

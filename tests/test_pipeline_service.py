@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.ledger import LedgerWrite, UsageQuery
+from gateway.metrics import STAGES
 from gateway.runtime import LOOP_BOOST
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.writer import PRIORITY_BOOST
@@ -102,3 +104,20 @@ async def test_the_event_loop_runs_above_the_receiver_and_the_writer_above_both(
         assert receiver.pid not in (None, first)
         assert os.getpriority(os.PRIO_PROCESS, receiver.pid) == started
     assert os.getpriority(os.PRIO_PROCESS, 0) == started
+
+
+async def test_metrics_time_every_stage_a_report_went_through(broker: Any, tmp_path: Path) -> None:
+    """``/metrics`` (over HTTP) has a ``tokenwell_stage_seconds`` observation for each
+    stage once a report is committed: verify, charge, queued and publish, once each for
+    one report alone in its batch and commit."""
+    device = RawDevice("staged-1")
+    async with running_gateway(broker.url, tmp_path) as gw:
+        await gw.add_device(device.id, device.key, 1_000)
+        async with Listener.connect(broker.url) as publisher:
+            publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 100}))
+            await gw.wait_committed(lambda: gw.service.registry.devices[device.id].used == 1)
+        text = (await gw.api.get("/metrics")).text
+    counts = dict(re.findall(r'^tokenwell_stage_seconds_count\{stage="(\w+)"\} (\S+)$', text, re.M))
+    assert {stage: float(n) for stage, n in counts.items()} == dict.fromkeys(STAGES, 1.0)
+    sums = dict(re.findall(r'^tokenwell_stage_seconds_sum\{stage="(\w+)"\} (\S+)$', text, re.M))
+    assert all(float(sums[stage]) > 0 for stage in STAGES)
