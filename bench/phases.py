@@ -107,8 +107,9 @@ def settle(rig: Rig, topics: Topics, timeout: float = 60) -> None:
 @dataclass(frozen=True, slots=True)
 class Batches:
     """The gateway's own account of its batches (its ``/metrics`` histograms): how many
-    it committed, the seconds its commits took in all, and the mean seconds of each other
-    stage it times (verify, charge, queued, publish)."""
+    it committed, the seconds its commits took in all, and the mean seconds of each stage
+    it times: verify, charge and queued a batch; commit and publish a commit (a commit
+    may carry several batches)."""
 
     count: int
     commit_seconds: float
@@ -118,7 +119,11 @@ class Batches:
     def of(cls, process: GatewayProcess) -> Batches:
         sums = process.histograms()
         count = int(sums.get("tokenwell_batch_size_count", 0))
-        return cls(count, sums.get("tokenwell_commit_seconds_sum", 0.0), process.stage_means())
+        committed = sums.get("tokenwell_commit_seconds_sum", 0.0)
+        means = process.stage_means()
+        if commits := sums.get("tokenwell_commit_seconds_count", 0.0):
+            means["commit"] = committed / commits
+        return cls(count, committed, means)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,21 @@ def unique_prefix() -> str:
     return f"test/{uuid.uuid4().hex[:12]}"
 
 
+def may_raise_priority(levels: int) -> bool:
+    """Whether this thread may run ``levels`` nice levels higher than it does (root alone
+    is not enough in a container without ``CAP_SYS_NICE``; a user with a nice allowance
+    may): tried, and put back. False too if that would pass the kernel's highest, -20."""
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    if now - levels < -20:
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, now - levels)
+    except PermissionError:
+        return False
+    os.setpriority(os.PRIO_PROCESS, 0, now)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -24,7 +24,8 @@ MEASURED = [
     "receive_floor_reader_per_s", "ceiling_reader_per_s", "drain_ratio_reader",
     "drain_receiver_cores", "latency_gateway_cores", "latency_benchmark_cores",
     "latency_machine_busy", "latency_stage_verify_ms", "latency_stage_charge_ms",
-    "latency_stage_queued_ms", "latency_stage_publish_ms", "drain_stage_charge_ms",
+    "latency_stage_queued_ms", "latency_stage_publish_ms", "latency_stage_commit_ms",
+    "drain_stage_charge_ms",
 ]  # fmt: skip
 # Measured, but a tiny run may use less than a clock tick (10 ms) of a process's CPU.
 MEASURED_MAY_BE_ZERO = ["drain_writer_cores", "latency_broker_cores"]

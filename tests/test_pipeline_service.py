@@ -19,7 +19,13 @@ from gateway.metrics import STAGES
 from gateway.runtime import LOOP_BOOST
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.writer import PRIORITY_BOOST
-from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
+from tests.helpers import (
+    Listener,
+    RawDevice,
+    assert_conserved,
+    may_raise_priority,
+    running_gateway,
+)
 
 
 class HeldLedger(SqliteLedger):
@@ -75,7 +81,9 @@ async def test_a_batch_charged_while_the_previous_commits_builds_on_it(
         await reopened.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority takes root (or CAP_SYS_NICE)")
+@pytest.mark.skipif(
+    not may_raise_priority(LOOP_BOOST + PRIORITY_BOOST), reason="not allowed to raise a priority"
+)
 async def test_the_event_loop_runs_above_the_receiver_and_the_writer_above_both(
     broker: Any, tmp_path: Path
 ) -> None:

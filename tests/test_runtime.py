@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from gateway.runtime import raised_priority
+from tests.helpers import may_raise_priority
 
 QUIETED = """
 import gc, weakref
@@ -34,10 +35,7 @@ def test_what_the_imports_left_is_frozen_and_cyclic_garbage_is_still_collected()
     assert collected == "True"
 
 
-ROOT = os.geteuid() == 0
-
-
-@pytest.mark.skipif(not ROOT, reason="raising a priority takes root (or CAP_SYS_NICE)")
+@pytest.mark.skipif(not may_raise_priority(3), reason="not allowed to raise a priority here")
 def test_the_block_runs_the_thread_higher_once_however_nested_and_restores_it() -> None:
     before = os.getpriority(os.PRIO_PROCESS, 0)
     seen: list[int] = []

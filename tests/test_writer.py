@@ -24,7 +24,13 @@ from gateway.errors import LedgerError, WriterLost
 from gateway.ledger import LedgerWrite
 from gateway.sqlite_ledger import SqliteLedger
 from gateway.writer import PRIORITY_BOOST, SEND_BYTES, Statement, WriterProcess
-from tests.helpers import Listener, RawDevice, assert_conserved, running_gateway
+from tests.helpers import (
+    Listener,
+    RawDevice,
+    assert_conserved,
+    may_raise_priority,
+    running_gateway,
+)
 from tests.test_ledger_contract import ROOT, T0, debit, device
 
 
@@ -252,7 +258,7 @@ async def test_a_gateway_whose_writer_is_killed_mid_stream_charges_every_report_
         await reopened.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority takes root (or CAP_SYS_NICE)")
+@pytest.mark.skipif(not may_raise_priority(PRIORITY_BOOST), reason="may not raise a priority")
 async def test_the_writer_runs_above_the_gateways_priority_where_allowed(
     ledger: SqliteLedger,
 ) -> None:
