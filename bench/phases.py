@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from bench import mqtt
@@ -36,6 +36,7 @@ from bench.workload import (
     write_ledger,
 )
 from gateway.errors import Rejection
+from gateway.metrics import STAGES
 from gateway.topics import Topics
 from gateway.wire import decode_control_body, decode_envelope
 
@@ -120,9 +121,13 @@ class Batches:
         sums = process.histograms()
         count = int(sums.get("tokenwell_batch_size_count", 0))
         committed = sums.get("tokenwell_commit_seconds_sum", 0.0)
-        means = process.stage_means()
-        if commits := sums.get("tokenwell_commit_seconds_count", 0.0):
-            means["commit"] = committed / commits
+        series = {stage: ("tokenwell_stage_seconds", f'{{stage="{stage}"}}') for stage in STAGES}
+        series["commit"] = ("tokenwell_commit_seconds", "")
+        means = {
+            stage: sums.get(f"{name}_sum{labels}", 0.0) / n
+            for stage, (name, labels) in series.items()
+            if (n := sums.get(f"{name}_count{labels}", 0.0))
+        }
         return cls(count, committed, means)
 
 
@@ -253,7 +258,8 @@ def steady_load(steady: Sequence[BenchDevice], crossing: Sequence[BenchDevice], 
 @dataclass(frozen=True, slots=True)
 class Cores:
     """CPU seconds over a phase's ``seconds``: the whole machine's (all cores), the
-    gateway's tree, the broker's and the benchmark's own process (publisher, recorder)."""
+    gateway's tree, the broker's and the benchmark's own process (publisher, recorder).
+    Also one reading of those clocks (:meth:`now`); :meth:`between` two readings."""
 
     seconds: float
     machine: float
@@ -262,15 +268,17 @@ class Cores:
     benchmark: float
 
     @classmethod
-    def during(cls, rig: Rig, process: GatewayProcess, body: Callable[[], object]) -> Cores:
-        """Run ``body`` and measure the CPU each of them used meanwhile."""
-        start = (time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu())
-        ours = time.process_time()
-        body()
-        benchmark = time.process_time() - ours
-        end = (time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu())
-        seconds, machine, gateway, broker = (b - a for a, b in zip(start, end, strict=True))
-        return cls(seconds, machine, gateway, broker, benchmark)
+    def now(cls, rig: Rig, process: GatewayProcess) -> Cores:
+        """The clocks as they read now (each since its own start)."""
+        return cls(
+            time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu(),
+            time.process_time(),
+        )  # fmt: skip
+
+    @classmethod
+    def between(cls, first: Cores, last: Cores) -> Cores:
+        """What each clock advanced from reading ``first`` to reading ``last``."""
+        return cls(*(b - a for a, b in zip(astuple(first), astuple(last), strict=True)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,21 +308,16 @@ def latency(
     with gateway(rig, setup) as process:
         settle(rig, setup.topics)
         with mqtt.recording(rig.broker, control_topics) as recorder:
-            stamps: list[float] = []
-            achieved = [0.0]
-
-            def load_it() -> None:
-                start = time.perf_counter()
-                stamps.extend(mqtt.publish_paced(rig.broker, messages, rate, 60 + seconds))
-                achieved[0] = total / (time.perf_counter() - start)
-                wait_counted(process, total, timeout=60)
-
-            cores = Cores.during(rig, process, load_it)
+            first = Cores.now(rig, process)
+            stamps = mqtt.publish_paced(rig.broker, messages, rate, timeout=60 + seconds)
+            achieved = total / (time.perf_counter() - first.seconds)
+            wait_counted(process, total, timeout=60)
+            cores = Cores.between(first, Cores.now(rig, process))
             controls = _control_delays(recorder, load, stamps)
         batches = Batches.of(process)
         process.stop()
     charges = _charge_delays(setup.db, load.reports, stamps)
-    return Latency(rate, achieved[0], controls, charges, cores, batches)
+    return Latency(rate, achieved, controls, charges, cores, batches)
 
 
 def latency_floor(

@@ -35,8 +35,7 @@ READY_LINE = "gateway ready"
 TOKEN = "bench-admin-token"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _REPORTS = re.compile(r'^tokenwell_reports_total\{outcome="(\w+)"\} (\S+)$', re.MULTILINE)
-_SUMS = re.compile(r"^(tokenwell_\w+_(?:sum|count)) (\S+)$", re.MULTILINE)
-_STAGES = re.compile(r'^tokenwell_stage_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', re.MULTILINE)
+_SUMS = re.compile(r"^(tokenwell_\w+_(?:sum|count)(?:\{[^}]*\})?) (\S+)$", re.MULTILINE)
 
 
 def cpu_seconds_of(stat: Path) -> float:
@@ -206,18 +205,9 @@ class GatewayProcess:
 
     def histograms(self) -> dict[str, float]:
         """The ``_sum`` and ``_count`` of every histogram the gateway exports, by name
-        (``tokenwell_batch_size_count``, ``tokenwell_commit_seconds_sum``, ...)."""
+        and labels (``tokenwell_batch_size_count``, ``tokenwell_commit_seconds_sum``,
+        ``tokenwell_stage_seconds_sum{stage="verify"}``, ...)."""
         return {name: float(value) for name, value in _SUMS.findall(self._metrics())}
-
-    def stage_means(self) -> dict[str, float]:
-        """The mean seconds of each stage of the gateway's pipeline it has timed
-        (``tokenwell_stage_seconds``: verify, charge, queued, publish), by stage."""
-        totals: dict[str, dict[str, float]] = {}
-        for kind, stage, value in _STAGES.findall(self._metrics()):
-            totals.setdefault(stage, {})[kind] = float(value)
-        return {
-            stage: t.get("sum", 0.0) / t["count"] for stage, t in totals.items() if t.get("count")
-        }
 
     def _metrics(self) -> str:
         try:
