@@ -137,9 +137,10 @@ class Gateway:
         receiver = Receiver(
             settings.broker, settings.client_id, settings.topic_prefix, service.inbox,
             service.public_keys, max_unacknowledged=MAX_UNACKNOWLEDGED,
+            keys_db=ledger.path if isinstance(ledger, SqliteLedger) else None,
             on_restart=service.metrics.receiver_restarts.inc, nice=receiver_nice,
         )  # fmt: skip
-        await receiver.spawn()  # its interpreter starts while the ledger loads
+        await receiver.spawn()  # it starts, and reads the keys, while the ledger loads
         try:
             await service.load()
             sock = _bind(*settings.api_host_port)

@@ -13,10 +13,17 @@ The receiver owns the subscription and the gateway's persistent session (its cli
 id); the gateway publishes on a connection of its own. It also checks each report's
 signature (:func:`gateway.ingest.vouching_key`, on threads of its own: the C call
 releases the GIL, and in the gateway each thread then queued for the GIL behind the
-charging) against the devices' public keys, which the gateway sends it (kept compactly:
-gateway.keytable), and passes on the key it verified with (``vouched_by``): the gateway
-skips that check when it is the device's key. Anything it cannot vouch for (an unknown
+charging) against the devices' public keys (kept compactly: gateway.keytable), and
+passes on the key it verified with (``vouched_by``): the gateway skips that check when
+it is the device's key. Anything it cannot vouch for (an unknown
 device, a bad envelope or signature) the gateway verifies in full, as before.
+
+The keys: with a SQLite ledger the receiver reads them from the ledger file itself
+(:func:`gateway.sqlite_ledger.public_keys_in`, a read-only connection), as soon as it
+starts, on its own core while the gateway loads the rest of the ledger: sent over the
+socket, 100,000 keys held the gateway's start-up up for 0.7 s (docs/performance.md).
+Otherwise (an in-memory ledger) the gateway sends them. Either way each device
+provisioned later is sent once it is committed; a device's key never changes.
 
 The receiver never acknowledges a report by itself: only when the gateway tells it to,
 after the report's batch is committed. So nothing changes for the
@@ -32,8 +39,10 @@ acknowledgement-after-commit rule:
 
 Frames (gateway.frames) are a 4-byte big-endian length, then a msgpack value:
 
-- gateway → receiver: first the settings (a map), every device's public key in frames
-  of ``["keys", [[device, public key], ...]]``, then ``["connect"]``; from then on
+- gateway → receiver: first the settings (a map, sent as the process starts; its
+  ``keys_db`` names the ledger file to read every key from, or is None), then, when
+  there is no ``keys_db``, every device's public key in frames of ``["keys", [[device,
+  public key], ...]]``, then ``["connect", timeout in seconds]``; from then on
   ``["ack", [[connection, mid, qos], ...]]``, and ``["keys", ...]`` for each new device;
 - receiver → gateway: ``["ready"]`` or ``["error", text]`` once, after the first
   connect; then batches of messages, each a list of
@@ -50,15 +59,17 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway import children
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, LedgerError
 from gateway.frames import frame, read_frame
 from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import BrokerUrl, Incoming, MqttClient
 from gateway.runtime import quiet_collector
+from gateway.sqlite_ledger import public_keys_in
 from gateway.topics import Topics
 from gateway.workers import Workers
 
@@ -103,6 +114,7 @@ class Receiver:
         keys: Callable[[], Iterable[tuple[str, bytes]]],
         *,
         max_unacknowledged: int,
+        keys_db: Path | None = None,
         on_restart: Callable[[], None] | None = None,
         nice: int | None = None,
     ) -> None:
@@ -113,8 +125,13 @@ class Receiver:
             "topic_prefix": topic_prefix,
             "max_unacknowledged": max_unacknowledged,
             "log_level": logging.getLogger().getEffectiveLevel(),
+            "keys_db": None if keys_db is None else str(keys_db.resolve()),
         }
-        self._keys = keys  # every device's public key, read at each (re)start
+        # Every device's public key, read at each (re)start: by the receiver itself from
+        # the ledger file keys_db, when given (kept in the ledger once committed), else
+        # sent to it from here.
+        self._keys = keys
+        self._keys_from_db = keys_db is not None
         self._on_restart = on_restart
         self._inbox = inbox
         self._generation = 0
@@ -133,15 +150,17 @@ class Receiver:
         return self._process.pid if self._process is not None else None
 
     async def spawn(self) -> None:
-        """Start the receiver process without connecting it yet: its interpreter starts
+        """Start the receiver process without connecting it yet, and send it its
+        settings: its interpreter starts, and reads the keys from ``keys_db`` when given,
         while the gateway loads its ledger. :meth:`start` does this when not done."""
         self._process, self._reader, self._writer = await children.spawn(
             "gateway.receiver", self._nice
         )
+        self._writer.write(frame(self._settings))
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Spawn the receiver (unless :meth:`spawn` did), send it every key and wait
-        until it is connected and subscribed.
+        """Spawn the receiver (unless :meth:`spawn` did), send it every key (unless it
+        reads them itself) and wait until it is connected and subscribed.
 
         Raises :class:`BrokerError` (with the receiver's reason) if it cannot connect
         within ``timeout`` seconds.
@@ -154,14 +173,14 @@ class Receiver:
             raise BrokerError("the receiver is being closed")
         self._acks.clear()  # any left are for a dead receiver's connection numbers
         self._generation += 1
-        writer.write(frame({**self._settings, "connect_timeout": timeout}))
         try:
             # Keys included: a receiver that hung would otherwise stall this for ever (its
             # own connect timeout comes first).
             async with asyncio.timeout(timeout + children.STOP_TIMEOUT):
-                await self._send_keys(writer)
+                if not self._keys_from_db:
+                    await self._send_keys(writer)
                 if not writer.is_closing():  # close() may have closed it meanwhile
-                    writer.write(frame(["connect"]))
+                    writer.write(frame(["connect", timeout]))
                 answer = await read_frame(reader)
         except TimeoutError:
             answer = ["error", f"the receiver did not connect within {timeout:g} s"]
@@ -272,11 +291,12 @@ async def serve(fd: int) -> int:
     logging.basicConfig(
         level=settings["log_level"], format="%(asctime)s %(levelname)s receiver: %(message)s"
     )
-    keys = KeyTable()
-    while (command := await read_frame(reader)) != ["connect"]:
+    keys = _stored_keys(settings["keys_db"])
+    while (command := await read_frame(reader)) is None or command[0] != "connect":
         if command is None:
             return 1
         _obey(command, None, keys)
+    connect_timeout = command[1]
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     mqtt = MqttClient(
         BrokerUrl.parse(settings["broker"]), settings["client_id"], persistent=True,
@@ -285,7 +305,7 @@ async def serve(fd: int) -> int:
     topics = Topics(settings["topic_prefix"])
     mqtt.subscribe(topics.all_usage, qos=1)
     try:
-        await mqtt.connect(settings["connect_timeout"])
+        await mqtt.connect(connect_timeout)
     except BrokerError as exc:
         writer.write(frame(["error", str(exc)]))
         await writer.drain()
@@ -305,6 +325,21 @@ async def serve(fd: int) -> int:
         log.error("forwarding failed: %r", failure)
         return 1
     return 0
+
+
+def _stored_keys(keys_db: str | None) -> KeyTable:
+    """The keys in the ledger file ``keys_db`` (none when None). What cannot be read is
+    logged and left out: those devices' reports are then verified in full by the
+    gateway, slower but the same."""
+    keys = KeyTable()
+    if keys_db is None:
+        return keys
+    try:
+        for device, key in public_keys_in(Path(keys_db)):
+            keys.add(device, key)
+    except LedgerError as exc:
+        log.error("cannot read the devices' keys, the gateway verifies their reports: %s", exc)
+    return keys
 
 
 async def _obey_all(reader: asyncio.StreamReader, mqtt: MqttClient, keys: KeyTable) -> None:

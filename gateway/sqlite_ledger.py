@@ -135,6 +135,26 @@ _BUCKET_SQL = {
 _STORAGE_ERRORS = (sqlite3.Error, OverflowError, InvalidMessage, ValueError, KeyError, TypeError)
 
 
+def public_keys_in(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Every device's id and public key in the ledger at ``path`` (revoked devices'
+    too), read on a read-only connection of its own, in one read transaction: for the
+    receiver process, which reads them while the gateway loads the rest (gateway.receiver).
+
+    Raises :class:`~gateway.errors.LedgerError` when the file cannot be read.
+    """
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path}: {exc}") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        yield from conn.execute("SELECT id, public_key FROM devices")
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path}: cannot read the public keys: {exc}") from None
+    finally:
+        conn.close()
+
+
 def pool_row(pool: Pool) -> tuple[str, str, bytes]:
     """The ``pools`` row of ``pool``."""
     return (pool.key, pool.account, pack_pool(pool))

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,12 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gateway.receiver as receiver_module
-from gateway.errors import BrokerError, Reason
+from gateway.errors import BrokerError, LedgerError, Reason
 from gateway.frames import frame, read_frame
 from gateway.ingest import Registry, Rejected, verify, vouching_key
 from gateway.metering import Device
 from gateway.mqtt import Incoming
 from gateway.receiver import Receiver
+from gateway.sqlite_ledger import public_keys_in
 from gateway.topics import Topics
 from gateway.wire import UsageReport, public_key_hex
 from tests.helpers import Listener, RawDevice, running_gateway, unique_prefix
@@ -204,6 +206,55 @@ async def test_the_gateway_replaces_a_killed_receiver_and_charges_exactly_once(
         assert (await gw.device(device.id))["balance"] == 997
 
 
+async def test_with_a_sqlite_ledger_the_receiver_reads_the_keys_itself_and_again_when_replaced(
+    shared_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Provisioned before the start, a device's key comes to the receiver from the ledger
+    file, not over the socket (nothing is sent: the gateway's key source is never read);
+    one provisioned later is sent; a replacement receiver reads both from the file."""
+    early, late = RawDevice("early"), RawDevice("late")
+    async with running_gateway(shared_broker.url, tmp_path) as gw:
+        await gw.add_device(early.id, early.key, 1_000)
+    sent: list[str] = []
+    monkeypatch.setattr(Receiver, "_send_keys", lambda *_: sent.append("keys"))
+    async with running_gateway(shared_broker.url, tmp_path, prefix=gw.topics.prefix) as gw:
+        await gw.add_device(late.id, late.key, 1_000)
+        registry, metrics = gw.service.registry, gw.service.metrics.registry
+        vouched = lambda: metrics.get_sample_value("tokenwell_vouched_reports_total")  # noqa: E731
+        async with Listener.connect(shared_broker.url) as publisher:
+            for device, calls in ((early, 100), (late, 100)):
+                publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": calls}))
+            await gw.wait_committed(lambda: registry.devices[late.id].used == 1)
+            await gw.wait_committed(lambda: registry.devices[early.id].used == 1)
+            assert vouched() == 2
+            os.kill(gw.gateway.receiver.pid, signal.SIGKILL)
+            for device in (early, late):
+                publisher.publish(gw.topics.usage(device.id), device.report({"api_calls": 300}))
+            await gw.wait_committed(lambda: registry.devices[late.id].used == 3, timeout=30)
+            await gw.wait_committed(lambda: registry.devices[early.id].used == 3, timeout=30)
+        assert metrics.get_sample_value("tokenwell_receiver_restarts_total") == 1
+        assert vouched() == 4  # the replacement vouched for both: it had both keys
+    assert sent == []
+
+
+def test_the_keys_come_from_the_ledger_file_and_an_unreadable_one_leaves_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, public_key BLOB NOT NULL)")
+        rows = [("a", b"\x01" * 32), ("b", b"\x02" * 32)]
+        conn.executemany("INSERT INTO devices VALUES (?, ?)", rows)
+    assert sorted(public_keys_in(db)) == rows
+    table = receiver_module._stored_keys(str(db))
+    assert (len(table), table.get("a"), table.get("b")) == (2, b"\x01" * 32, b"\x02" * 32)
+    with pytest.raises(LedgerError):
+        list(public_keys_in(tmp_path / "missing.sqlite3"))
+    assert len(receiver_module._stored_keys(str(tmp_path / "missing.sqlite3"))) == 0
+    assert "the gateway verifies their reports" in caplog.text
+    assert len(receiver_module._stored_keys(None)) == 0
+
+
 async def test_a_qos_0_report_is_charged_like_any_other(shared_broker: Any, tmp_path: Path) -> None:
     """QoS 0 needs no PUBACK: the receiver sends none (a PUBACK for id 0 would be a
     protocol error), yet the report is charged, and QoS 1 reports after it still are."""
@@ -235,10 +286,9 @@ async def test_a_receiver_whose_forwarding_fails_exits_to_be_replaced(
     reader, writer = await asyncio.open_connection(sock=gateway_end)
     writer.write(frame({
         "broker": shared_broker.url, "client_id": f"rx-{uuid.uuid4().hex[:8]}",
-        "topic_prefix": prefix, "max_unacknowledged": 10, "log_level": 30,
-        "connect_timeout": TIMEOUT,
+        "topic_prefix": prefix, "max_unacknowledged": 10, "log_level": 30, "keys_db": None,
     }))  # fmt: skip
-    writer.write(frame(["keys", [["alice", raw_public_key(device)]]]) + frame(["connect"]))
+    writer.write(frame(["keys", [["alice", raw_public_key(device)]]]) + frame(["connect", TIMEOUT]))
     assert await asyncio.wait_for(read_frame(reader), TIMEOUT) == ["ready"]
     async with Listener.connect(shared_broker.url) as publisher:
         publisher.publish(Topics(prefix).usage("alice"), device.report({"api_calls": 1}))
