@@ -131,7 +131,6 @@ class Receiver:
         # the ledger file keys_db, when given (kept in the ledger once committed), else
         # sent to it from here.
         self._keys = keys
-        self._keys_from_db = keys_db is not None
         self._on_restart = on_restart
         self._inbox = inbox
         self._generation = 0
@@ -177,7 +176,7 @@ class Receiver:
             # Keys included: a receiver that hung would otherwise stall this for ever (its
             # own connect timeout comes first).
             async with asyncio.timeout(timeout + children.STOP_TIMEOUT):
-                if not self._keys_from_db:
+                if self._settings["keys_db"] is None:
                     await self._send_keys(writer)
                 if not writer.is_closing():  # close() may have closed it meanwhile
                     writer.write(frame(["connect", timeout]))

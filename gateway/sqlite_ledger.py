@@ -135,6 +135,12 @@ _BUCKET_SQL = {
 _STORAGE_ERRORS = (sqlite3.Error, OverflowError, InvalidMessage, ValueError, KeyError, TypeError)
 
 
+def _read_only_uri(path: Path) -> str:
+    """The URI that opens ``path`` read-only. ``as_uri()`` percent-encodes: a '?', '#' or
+    '%' in the path stays part of the path."""
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
 def public_keys_in(path: Path) -> Iterator[tuple[str, bytes]]:
     """Every device's id and public key in the ledger at ``path`` (revoked devices'
     too), read on a read-only connection of its own, in one read transaction: for the
@@ -143,7 +149,7 @@ def public_keys_in(path: Path) -> Iterator[tuple[str, bytes]]:
     Raises :class:`~gateway.errors.LedgerError` when the file cannot be read.
     """
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(_read_only_uri(path), uri=True)
     except sqlite3.Error as exc:
         raise LedgerError(f"ledger {path}: {exc}") from None
     try:
@@ -213,9 +219,7 @@ class SqliteLedger:
             await self._local.execute(f"PRAGMA cache_size = -{LOCAL_CACHE_KIB}")
             await self._check_version()  # before the schema: an old file's tables differ
             await self._local.executescript(SCHEMA)
-            # as_uri() percent-encodes: a '?', '#' or '%' in the path stays part of the path.
-            reader_uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            self._reader = await aiosqlite.connect(reader_uri, uri=True)
+            self._reader = await aiosqlite.connect(_read_only_uri(self.path), uri=True)
             await self.writer.start()  # it starts while the gateway loads
         except LedgerError:
             await self.close()  # a refused file (no WAL, another schema) holds no connection
