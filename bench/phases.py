@@ -185,15 +185,14 @@ def drain(
         settle(rig, setup.topics)
         process.pause()
         mqtt.publish_all(rig.broker, topics_of(setup.topics.prefix, reports))
-        cpu, broker_cpu = process.cpu_seconds_by_process(), rig.broker_cpu()
+        cpu, broker_cpu = process.cpu_seconds_by_module(), rig.broker_cpu()
         threads = process.thread_cpu_seconds()
         sampling = profiling(process.pid, profile) if profile else contextlib.nullcontext()
         with sampling:
             process.resume()
             start = time.perf_counter()
             end = wait_counted(process, len(reports), timeout=60 + len(reports) / 200)
-        by_process = {p: s - cpu.get(p, 0.0) for p, s in process.cpu_seconds_by_process().items()}
-        modules = {pid: process.module_of(pid) for pid in by_process}  # while they run
+        by_module = {m: s - cpu.get(m, 0.0) for m, s in process.cpu_seconds_by_module().items()}
         broker_cpu = rig.broker_cpu() - broker_cpu
         used = {tid: s - threads.get(tid, 0.0) for tid, s in process.thread_cpu_seconds().items()}
         _check_all_charged(process, len(reports))
@@ -203,12 +202,9 @@ def drain(
     busiest = max(used.values(), default=0.0)
     seconds = end - start
     startup = process.startup_seconds
-    children: dict[str, float] = {}
-    for pid, used_cpu in by_process.items():
-        children[modules[pid]] = children.get(modules[pid], 0.0) + used_cpu
     return Drain(
-        len(reports), seconds, sum(by_process.values()), broker_cpu, startup, batches, loop,
-        busiest, children.get("gateway.receiver", 0.0), children.get("gateway.writer", 0.0),
+        len(reports), seconds, sum(by_module.values()), broker_cpu, startup, batches, loop,
+        busiest, by_module.get("gateway.receiver", 0.0), by_module.get("gateway.writer", 0.0),
     )  # fmt: skip
 
 
@@ -258,21 +254,28 @@ def steady_load(steady: Sequence[BenchDevice], crossing: Sequence[BenchDevice], 
 @dataclass(frozen=True, slots=True)
 class Cores:
     """CPU seconds over a phase's ``seconds``: the whole machine's (all cores), the
-    gateway's tree, the broker's and the benchmark's own process (publisher, recorder).
-    Also one reading of those clocks (:meth:`now`); :meth:`between` two readings."""
+    gateway's tree (and of it its receiver and its writer process), the broker's and the
+    benchmark's own process (publisher, recorder); and how many times the gateway's event
+    loop blocked (voluntary context switches of its thread: waits for work). Also one
+    reading of those clocks (:meth:`now`); :meth:`between` two readings."""
 
     seconds: float
     machine: float
     gateway: float
     broker: float
     benchmark: float
+    receiver: float = 0.0
+    writer: float = 0.0
+    loop_blocks: float = 0.0
 
     @classmethod
     def now(cls, rig: Rig, process: GatewayProcess) -> Cores:
         """The clocks as they read now (each since its own start)."""
+        by_module = process.cpu_seconds_by_module()
         return cls(
-            time.perf_counter(), machine_busy(), process.cpu_seconds(), rig.broker_cpu(),
-            time.process_time(),
+            time.perf_counter(), machine_busy(), sum(by_module.values()), rig.broker_cpu(),
+            time.process_time(), by_module.get("gateway.receiver", 0.0),
+            by_module.get("gateway.writer", 0.0), process.loop_blocks(),
         )  # fmt: skip
 
     @classmethod

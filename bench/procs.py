@@ -49,6 +49,15 @@ def cpu_seconds(pid: int) -> float:
     return cpu_seconds_of(Path(f"/proc/{pid}/stat"))
 
 
+def voluntary_switches(status: Path) -> int:
+    """``voluntary_ctxt_switches`` from a ``/proc/.../status`` file (0 if unreadable)."""
+    with contextlib.suppress(OSError):
+        for line in status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each live thread of process ``pid``, by thread id (the
     main thread's id is ``pid``)."""
@@ -183,6 +192,15 @@ class GatewayProcess:
                 used[pid] = cpu_seconds(pid)
         return used
 
+    def cpu_seconds_by_module(self) -> dict[str, float]:
+        """CPU seconds of the tree by the module each process runs (``gateway.receiver``,
+        ``gateway.writer``; the gateway's own is ``gateway.cli``)."""
+        used: dict[str, float] = {}
+        for pid, seconds in self.cpu_seconds_by_process().items():
+            module = self.module_of(pid)
+            used[module] = used.get(module, 0.0) + seconds
+        return used
+
     def module_of(self, pid: int) -> str:
         """The module a process of the tree runs (``python -m MODULE``), "" if none."""
         with contextlib.suppress(OSError):
@@ -194,6 +212,11 @@ class GatewayProcess:
     def thread_cpu_seconds(self) -> dict[int, float]:
         """CPU seconds of each thread of the gateway's own process (not its children)."""
         return thread_cpu_seconds(self.pid)
+
+    def loop_blocks(self) -> int:
+        """How many times the gateway's main thread (its event loop) has blocked so far:
+        its voluntary context switches, i.e. waits with nothing to do (0 if unreadable)."""
+        return voluntary_switches(Path(f"/proc/{self.pid}/task/{self.pid}/status"))
 
     def memory_mib(self, key: str = "VmRSS") -> float:
         """``key`` summed over the tree (for ``VmHWM``, the sum of each process's peak)."""

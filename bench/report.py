@@ -158,11 +158,15 @@ def latency_results(latency: Latency, floor: Sequence[float]) -> dict[str, Numbe
 
 
 def _cores(prefix: str, cores: Cores) -> dict[str, Number]:
-    """Cores in use on average: the gateway's, the broker's, the benchmark's own, and how
-    busy the whole machine was (a share of all its cores)."""
+    """Cores in use on average: the gateway's (and of them its receiver's and its
+    writer's), the broker's, the benchmark's own, how busy the whole machine was (a share
+    of all its cores); and how often a second the gateway's event loop waited for work."""
     seconds = max(cores.seconds, 1e-9)
     return {
         f"{prefix}_gateway_cores": cores.gateway / seconds,
+        f"{prefix}_receiver_cores": cores.receiver / seconds,
+        f"{prefix}_writer_cores": cores.writer / seconds,
+        f"{prefix}_loop_blocks_per_s": cores.loop_blocks / seconds,
         f"{prefix}_broker_cores": cores.broker / seconds,
         f"{prefix}_benchmark_cores": cores.benchmark / seconds,
         f"{prefix}_machine_busy": cores.machine / seconds / (os.cpu_count() or 1),
@@ -266,6 +270,9 @@ ROWS = (
     Row("  publish after a commit", "latency_stage_publish_ms", "{:.2f} ms"),
     Row("machine busy (latency phase)", "latency_machine_busy", "{:.0%}"),
     Row("  gateway cores", "latency_gateway_cores", "{:.2f}"),
+    Row("    receiver process", "latency_receiver_cores", "{:.2f}"),
+    Row("    writer process", "latency_writer_cores", "{:.2f}"),
+    Row("    event loop waits for work", "latency_loop_blocks_per_s", "{:,.0f} /s"),
     Row("  broker cores", "latency_broker_cores", "{:.2f}"),
     Row("  benchmark's own cores", "latency_benchmark_cores", "{:.2f}"),
     Row("RSS, empty gateway", "rss_baseline_mib", "{:.0f} MiB"),

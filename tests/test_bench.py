@@ -25,10 +25,10 @@ MEASURED = [
     "drain_receiver_cores", "latency_gateway_cores", "latency_benchmark_cores",
     "latency_machine_busy", "latency_stage_verify_ms", "latency_stage_charge_ms",
     "latency_stage_queued_ms", "latency_stage_publish_ms", "latency_stage_commit_ms",
-    "drain_stage_charge_ms",
+    "drain_stage_charge_ms", "latency_receiver_cores", "latency_loop_blocks_per_s",
 ]  # fmt: skip
 # Measured, but a tiny run may use less than a clock tick (10 ms) of a process's CPU.
-MEASURED_MAY_BE_ZERO = ["drain_writer_cores", "latency_broker_cores"]
+MEASURED_MAY_BE_ZERO = ["drain_writer_cores", "latency_broker_cores", "latency_writer_cores"]
 MEMORY = ["memory_devices", "rss_baseline_mib", "rss_mib", "rss_bytes_per_device", "startup_s"]
 
 
