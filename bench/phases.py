@@ -264,9 +264,9 @@ class Cores:
     gateway: float
     broker: float
     benchmark: float
-    receiver: float = 0.0
-    writer: float = 0.0
-    loop_blocks: float = 0.0
+    receiver: float
+    writer: float
+    loop_blocks: float
 
     @classmethod
     def now(cls, rig: Rig, process: GatewayProcess) -> Cores:

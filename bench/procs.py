@@ -180,10 +180,6 @@ class GatewayProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds of the whole tree (gateway and receiver)."""
-        return sum(self.cpu_seconds_by_process().values())
-
     def cpu_seconds_by_process(self) -> dict[int, float]:
         """CPU seconds of each process of the tree, by process id."""
         used = {}
