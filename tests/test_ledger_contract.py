@@ -408,7 +408,8 @@ async def test_a_debit_that_breaks_the_rules_is_refused_with_nothing_applied(
 
 
 async def test_the_writer_runs_in_wal_mode_with_synchronous_full(tmp_path: Path) -> None:
-    """The writer process's own connection, which runs every transaction, says so."""
+    """The writer process's own connection, which runs every transaction, says so; its
+    temporary files (statement journals) are kept in memory, not created on disk."""
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
     await ledger.open()
     try:
@@ -416,6 +417,7 @@ async def test_the_writer_runs_in_wal_mode_with_synchronous_full(tmp_path: Path)
         settings = ledger.writer.connection_settings
         assert settings["journal_mode"] == "wal"
         assert settings["synchronous"] == 2  # FULL: survives power loss, not only a crash
+        assert settings["temp_store"] == 2  # MEMORY
     finally:
         await ledger.close()
 
