@@ -255,9 +255,11 @@ def steady_load(steady: Sequence[BenchDevice], crossing: Sequence[BenchDevice], 
 class Cores:
     """CPU seconds over a phase's ``seconds``: the whole machine's (all cores), the
     gateway's tree (and of it its receiver and its writer process), the broker's and the
-    benchmark's own process (publisher, recorder); and how many times the gateway's event
-    loop blocked (voluntary context switches of its thread: waits for work). Also one
-    reading of those clocks (:meth:`now`); :meth:`between` two readings."""
+    benchmark's own process (publisher, recorder); how many times the gateway's event
+    loop blocked (voluntary context switches of its thread: waits for work); and how
+    long its event loop, its receiver's threads and its writer's were ready to run but
+    waited for a CPU (a busy machine's queue). Also one reading of those clocks
+    (:meth:`now`); :meth:`between` two readings."""
 
     seconds: float
     machine: float
@@ -267,15 +269,19 @@ class Cores:
     receiver: float
     writer: float
     loop_blocks: float
+    loop_waited: float
+    receiver_waited: float
+    writer_waited: float
 
     @classmethod
     def now(cls, rig: Rig, process: GatewayProcess) -> Cores:
         """The clocks as they read now (each since its own start)."""
-        by_module = process.cpu_seconds_by_module()
+        by_module, waited = process.cpu_seconds_by_module(), process.waited_by_module()
         return cls(
             time.perf_counter(), machine_busy(), sum(by_module.values()), rig.broker_cpu(),
             time.process_time(), by_module.get("gateway.receiver", 0.0),
-            by_module.get("gateway.writer", 0.0), process.loop_blocks(),
+            by_module.get("gateway.writer", 0.0), process.loop_blocks(), waited["loop"],
+            waited.get("gateway.receiver", 0.0), waited.get("gateway.writer", 0.0),
         )  # fmt: skip
 
     @classmethod

@@ -58,6 +58,21 @@ def voluntary_switches(status: Path) -> int:
     return 0
 
 
+def waited_seconds(pid: int, thread: int | None = None) -> float:
+    """Seconds the threads of process ``pid`` (or only its thread ``thread``) have spent
+    runnable but not running, waiting for a CPU: the second field of
+    ``/proc/PID/task/TID/schedstat``, in nanoseconds (0 where the kernel keeps no
+    scheduler statistics, or the process is gone)."""
+    tasks = [Path(f"/proc/{pid}/task/{thread}")] if thread is not None else []
+    with contextlib.suppress(OSError):
+        tasks = tasks or list(Path(f"/proc/{pid}/task").iterdir())
+    waited = 0
+    for task in tasks:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each live thread of process ``pid``, by thread id (the
     main thread's id is ``pid``)."""
@@ -196,6 +211,16 @@ class GatewayProcess:
             module = self.module_of(pid)
             used[module] = used.get(module, 0.0) + seconds
         return used
+
+    def waited_by_module(self) -> dict[str, float]:
+        """Seconds the tree's threads have waited for a CPU so far (:func:`waited_seconds`),
+        by module as in :meth:`cpu_seconds_by_module`; ``loop`` is the gateway's main
+        thread (its event loop) alone."""
+        waited: dict[str, float] = {"loop": waited_seconds(self.pid, self.pid)}
+        for pid in process_tree(self.pid):
+            module = self.module_of(pid)
+            waited[module] = waited.get(module, 0.0) + waited_seconds(pid)
+        return waited
 
     def module_of(self, pid: int) -> str:
         """The module a process of the tree runs (``python -m MODULE``), "" if none."""

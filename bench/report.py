@@ -160,13 +160,17 @@ def latency_results(latency: Latency, floor: Sequence[float]) -> dict[str, Numbe
 def _cores(prefix: str, cores: Cores) -> dict[str, Number]:
     """Cores in use on average: the gateway's (and of them its receiver's and its
     writer's), the broker's, the benchmark's own, how busy the whole machine was (a share
-    of all its cores); and how often a second the gateway's event loop waited for work."""
+    of all its cores); how often a second the gateway's event loop waited for work; and
+    the share of the time its event loop, receiver and writer waited for a CPU."""
     seconds = max(cores.seconds, 1e-9)
     return {
         f"{prefix}_gateway_cores": cores.gateway / seconds,
         f"{prefix}_receiver_cores": cores.receiver / seconds,
         f"{prefix}_writer_cores": cores.writer / seconds,
         f"{prefix}_loop_blocks_per_s": cores.loop_blocks / seconds,
+        f"{prefix}_loop_cpu_wait": cores.loop_waited / seconds,
+        f"{prefix}_receiver_cpu_wait": cores.receiver_waited / seconds,
+        f"{prefix}_writer_cpu_wait": cores.writer_waited / seconds,
         f"{prefix}_broker_cores": cores.broker / seconds,
         f"{prefix}_benchmark_cores": cores.benchmark / seconds,
         f"{prefix}_machine_busy": cores.machine / seconds / (os.cpu_count() or 1),
@@ -273,6 +277,9 @@ ROWS = (
     Row("    receiver process", "latency_receiver_cores", "{:.2f}"),
     Row("    writer process", "latency_writer_cores", "{:.2f}"),
     Row("    event loop waits for work", "latency_loop_blocks_per_s", "{:,.0f} /s"),
+    Row("    waits for a CPU: event loop", "latency_loop_cpu_wait", "{:.0%}"),
+    Row("                     receiver", "latency_receiver_cpu_wait", "{:.0%}"),
+    Row("                     writer", "latency_writer_cpu_wait", "{:.0%}"),
     Row("  broker cores", "latency_broker_cores", "{:.2f}"),
     Row("  benchmark's own cores", "latency_benchmark_cores", "{:.2f}"),
     Row("RSS, empty gateway", "rss_baseline_mib", "{:.0f} MiB"),

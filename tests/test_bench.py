@@ -4,11 +4,13 @@ every figure. Speed is never asserted in tests: only that each figure was measur
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from bench import report
+from bench import procs, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +30,11 @@ MEASURED = [
     "drain_stage_charge_ms", "latency_receiver_cores", "latency_loop_blocks_per_s",
 ]  # fmt: skip
 # Measured, but a tiny run may use less than a clock tick (10 ms) of a process's CPU.
-MEASURED_MAY_BE_ZERO = ["drain_writer_cores", "latency_broker_cores", "latency_writer_cores"]
+# So may the waits for a CPU of an idle machine (and a kernel without scheduler statistics).
+MEASURED_MAY_BE_ZERO = [
+    "drain_writer_cores", "latency_broker_cores", "latency_writer_cores",
+    "latency_loop_cpu_wait", "latency_receiver_cpu_wait", "latency_writer_cpu_wait",
+]  # fmt: skip
 MEMORY = ["memory_devices", "rss_baseline_mib", "rss_mib", "rss_bytes_per_device", "startup_s"]
 
 
@@ -71,3 +77,20 @@ def test_rounds_in_which_the_machine_changed_speed_do_not_count() -> None:
     assert report.paired_ratio(ratios, steady) == (ratios[0] + ratios[2]) / 2  # their median
     # With no steady round at all, every round counts.
     assert report.paired_ratio([0.5, 0.7, 0.9], [False, False, False]) == 0.7
+
+
+def test_waits_for_a_cpu_are_read_per_thread_and_summed_per_process() -> None:
+    """A process's wait is the sum over its threads (so never below its main thread's,
+    read before it); a process that does not exist has waited nothing."""
+    started, stop = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (started.set(), stop.wait()))
+    worker.start()
+    started.wait()
+    try:
+        main_thread = procs.waited_seconds(os.getpid(), os.getpid())
+        whole = procs.waited_seconds(os.getpid())
+    finally:
+        stop.set()
+        worker.join()
+    assert 0.0 <= main_thread <= whole
+    assert procs.waited_seconds(2**22 + 1) == 0.0  # above Linux's largest process id
