@@ -62,7 +62,7 @@ CACHE_KIB = 1024
 # Where SQLite keeps its temporary files: a multi-row statement inside a transaction has
 # a statement journal (the pages it changes, to undo it alone), and with SQLite's default
 # each transaction created, unlinked and wrote a file for it in /var/tmp: at 8,000
-# reports/s, 300 files a second and 11,000 of the writer's 26,000 writes a second. In
+# reports/s, 300 files a second and 11,000 writes a second, half the writer's. In
 # memory: the writer 28.2 -> 26.1 us of CPU a report (four alternated pairs), resident
 # memory at 100,000 devices the same (docs/performance.md, an eleventh session). What
 # survives a crash is the WAL's business: a statement journal is never read after one.
