@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,9 +63,13 @@ def waited_seconds(pid: int, thread: int | None = None) -> float:
     runnable but not running, waiting for a CPU: the second field of
     ``/proc/PID/task/TID/schedstat``, in nanoseconds (0 where the kernel keeps no
     scheduler statistics, or the process is gone)."""
-    tasks = [Path(f"/proc/{pid}/task/{thread}")] if thread is not None else []
-    with contextlib.suppress(OSError):
-        tasks = tasks or list(Path(f"/proc/{pid}/task").iterdir())
+    if thread is not None:
+        tasks = [Path(f"/proc/{pid}/task/{thread}")]
+    else:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:  # gone
+            return 0.0
     waited = 0
     for task in tasks:
         with contextlib.suppress(OSError, IndexError, ValueError):
@@ -195,32 +199,29 @@ class GatewayProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def cpu_seconds_by_process(self) -> dict[int, float]:
-        """CPU seconds of each process of the tree, by process id."""
-        used = {}
-        for pid in process_tree(self.pid):
-            with contextlib.suppress(OSError):
-                used[pid] = cpu_seconds(pid)
-        return used
-
     def cpu_seconds_by_module(self) -> dict[str, float]:
         """CPU seconds of the tree by the module each process runs (``gateway.receiver``,
         ``gateway.writer``; the gateway's own is ``gateway.cli``)."""
-        used: dict[str, float] = {}
-        for pid, seconds in self.cpu_seconds_by_process().items():
-            module = self.module_of(pid)
-            used[module] = used.get(module, 0.0) + seconds
-        return used
+        return self._by_module(cpu_seconds)
 
     def waited_by_module(self) -> dict[str, float]:
         """Seconds the tree's threads have waited for a CPU so far (:func:`waited_seconds`),
         by module as in :meth:`cpu_seconds_by_module`; ``loop`` is the gateway's main
         thread (its event loop) alone."""
-        waited: dict[str, float] = {"loop": waited_seconds(self.pid, self.pid)}
-        for pid in process_tree(self.pid):
-            module = self.module_of(pid)
-            waited[module] = waited.get(module, 0.0) + waited_seconds(pid)
+        waited = self._by_module(waited_seconds)
+        waited["loop"] = waited_seconds(self.pid, self.pid)
         return waited
+
+    def _by_module(self, read: Callable[[int], float]) -> dict[str, float]:
+        """``read(pid)`` for each process of the tree, summed by the module it runs
+        (processes that ended meanwhile left out)."""
+        totals: dict[str, float] = {}
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                value = read(pid)
+                module = self.module_of(pid)
+                totals[module] = totals.get(module, 0.0) + value
+        return totals
 
     def module_of(self, pid: int) -> str:
         """The module a process of the tree runs (``python -m MODULE``), "" if none."""
