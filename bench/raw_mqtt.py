@@ -28,6 +28,13 @@ KEEPALIVE = 900  # seconds; the broker drops a silent client after 1.5 times thi
 CONNACK, SUBACK, PUBACK = 0x20, 0x90, 0x40  # first bytes (type and flags)
 WINDOW = 20_000  # QoS 1 publishes awaiting their PUBACK at most (ids are 16-bit)
 READ_SIZE = 1 << 16
+# The paced publisher sleeps at least this long between writes, so it wakes at most a
+# thousand times a second whatever the rate. Woken for every message, it took 0.2 of a
+# core at 6,000 /s (3,000 wake-ups a second, a tenth of a two-core machine whose other
+# cores are the gateway's); at 1 ms it takes 0.09 (docs/performance.md, twelfth session).
+# The load stays steady on every scale above a millisecond, and a fleet of independent
+# devices arrives burstier than that anyway.
+PACE_TICK = 0.001  # s
 
 
 class RawMqttError(RuntimeError):
@@ -162,15 +169,20 @@ class _Acks:
 
 
 def publish_paced(
-    url: str, messages: Sequence[tuple[str, bytes]], rate: float, timeout: float = 60
+    url: str,
+    messages: Sequence[tuple[str, bytes]],
+    rate: float,
+    timeout: float = 60,
+    tick: float = PACE_TICK,
 ) -> list[float]:
     """Publish ``messages`` at QoS 1 at a steady ``rate`` a second, and wait for every
     PUBACK; returns when each was written to the socket (``time.time()``), in order.
 
-    Every message is written as soon as it is due (``index / rate`` seconds after the
-    start), together with any others due by then, in one system call; in between the
-    publisher sleeps. So the offered load follows the schedule however long a write took,
-    and a stamp is the moment its bytes went to the kernel.
+    Every message is written once it is due (``index / rate`` seconds after the start),
+    together with any others due by then, in one system call; in between the publisher
+    sleeps, at least ``tick`` seconds (a message waits up to that long for its write). So
+    the offered load follows the schedule however long a write took, and a stamp is the
+    moment its bytes went to the kernel.
     """
     packets = [publish_packet(t, p, message_id(i)) for i, (t, p) in enumerate(messages)]
     stamps = [0.0] * len(packets)
@@ -181,7 +193,7 @@ def publish_paced(
         while sent < total:
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             if due <= sent:
-                time.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+                time.sleep(max(tick, start + sent / rate - time.perf_counter()))
                 continue
             if sent - acks.count >= WINDOW:  # no room: wait for the oldest to be confirmed
                 acks.wait(sent - WINDOW + 1, timeout)
