@@ -10,7 +10,7 @@ listener and `persistence_location DATA_DIR/`) and runs it:
 
 Either way the broker keeps its port and data dir for life, so `stop()` then `start()` (or
 `restart()`) brings back its persistent sessions, queued messages and retained messages.
-`kill()` is a crash: whatever changed since the last autosave (5 s) is lost.
+`kill()` is a crash: whatever changed since the last autosave (60 s) is lost.
 
 Errors: `BrokerStartError` (no mosquitto binary, or the broker did not accept an MQTT
 connection in time; the message ends with the tail of the broker's log).
