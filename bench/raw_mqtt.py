@@ -30,10 +30,10 @@ WINDOW = 20_000  # QoS 1 publishes awaiting their PUBACK at most (ids are 16-bit
 READ_SIZE = 1 << 16
 # The paced publisher sleeps at least this long between writes, so it wakes at most a
 # thousand times a second whatever the rate. Woken for every message, it took 0.2 of a
-# core at 6,000 /s (3,000 wake-ups a second, a tenth of a two-core machine whose other
-# cores are the gateway's); at 1 ms it takes 0.09 (docs/performance.md, twelfth session).
-# The load stays steady on every scale above a millisecond, and a fleet of independent
-# devices arrives burstier than that anyway.
+# core at 6,000 /s (3,000 wake-ups a second): a tenth of the two cores it shares with the
+# gateway; at 1 ms it takes 0.09-0.10 (docs/performance.md, twelfth session). The load
+# stays steady on every scale above a millisecond, and a fleet of independent devices
+# arrives burstier than that anyway.
 PACE_TICK = 0.001  # s
 
 
