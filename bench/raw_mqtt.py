@@ -169,18 +169,14 @@ class _Acks:
 
 
 def publish_paced(
-    url: str,
-    messages: Sequence[tuple[str, bytes]],
-    rate: float,
-    timeout: float = 60,
-    tick: float = PACE_TICK,
+    url: str, messages: Sequence[tuple[str, bytes]], rate: float, timeout: float = 60
 ) -> list[float]:
     """Publish ``messages`` at QoS 1 at a steady ``rate`` a second, and wait for every
     PUBACK; returns when each was written to the socket (``time.time()``), in order.
 
     Every message is written once it is due (``index / rate`` seconds after the start),
     together with any others due by then, in one system call; in between the publisher
-    sleeps, at least ``tick`` seconds (a message waits up to that long for its write). So
+    sleeps, at least :data:`PACE_TICK` (a message waits up to that long for its write). So
     the offered load follows the schedule however long a write took, and a stamp is the
     moment its bytes went to the kernel.
     """
@@ -193,7 +189,7 @@ def publish_paced(
         while sent < total:
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             if due <= sent:
-                time.sleep(max(tick, start + sent / rate - time.perf_counter()))
+                time.sleep(max(PACE_TICK, start + sent / rate - time.perf_counter()))
                 continue
             if sent - acks.count >= WINDOW:  # no room: wait for the oldest to be confirmed
                 acks.wait(sent - WINDOW + 1, timeout)
