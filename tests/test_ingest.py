@@ -10,10 +10,12 @@ from fractions import Fraction
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import economics
 from gateway.config import DEFAULT_LADDER
-from gateway.economics import Pool, credit
+from gateway.economics import POLICIES, PeriodRule, Pool, credit
 from gateway.errors import Reason, Rejection
 from gateway.ingest import (
     Pricing,
@@ -341,6 +343,45 @@ def test_events_and_device_state_are_json_with_rfc3339_times() -> None:
     assert state["last_report_at"] is None
     revoked = json.loads(state_json(dev._replace(revoked=True), pool))
     assert revoked["state"] == "revoked"
+
+
+IDS = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,20}", fullmatch=True)
+MS = st.integers(0, 253_402_300_799_999)  # the times RFC 3339 can write (to 9999-12-31)
+TOKENS = st.integers(-(2**63), 2**63 - 1)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> tuple[Device, Pool]:
+    """A device and its pool, with any text where the document has text to escape."""
+    device_id, account, text = draw(IDS), draw(st.text(max_size=12)), st.text(max_size=12)
+    control = None
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(["ok", "throttle", "block"]))
+        rate = {"ok": 1000, "block": 0}.get(kind, draw(st.integers(1, 999)))
+        control = ControlMessage(device_id, draw(MS), draw(MS), kind, rate, draw(TOKENS), "ok")
+    period = draw(st.none() | st.builds(PeriodRule, st.just("month"), MS, TOKENS, TOKENS))
+    start = draw(MS)
+    pool = Pool(
+        draw(st.just(device_id) | text.map(lambda a: "@" + a)), account,
+        draw(st.sampled_from(POLICIES)), period=period, period_start_ms=start,
+        period_end_ms=draw(st.none() | MS), allocation=draw(TOKENS), used=draw(TOKENS),
+        overage=draw(TOKENS),
+    )  # fmt: skip
+    device = Device(
+        device_id, draw(st.binary(min_size=32, max_size=32)), account, pool.key, draw(TOKENS),
+        draw(MS), draw(MS), draw(st.booleans()), draw(st.none() | MS), control,
+        cap=draw(st.none() | TOKENS), period_ms=draw(st.sampled_from([start, start + 1])),
+    )  # fmt: skip
+    return device, pool
+
+
+@given(states())
+def test_the_state_document_is_the_json_of_the_device_state(state: tuple[Device, Pool]) -> None:
+    device, pool = state
+    assert (
+        state_json(device, pool)
+        == json.dumps(device_state(device, pool), separators=(",", ":")).encode()
+    )
 
 
 @pytest.mark.parametrize(
