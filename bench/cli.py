@@ -98,16 +98,17 @@ class Session:
         self.details["verify_parallelism"] = verified.parallelism
         self.details["verify_workers"] = verified.workers
 
-    def drain(self, rig: Rig) -> float:
-        """The gateway's drain (best of the rounds), then, if asked, one under py-spy;
-        returns the best rate."""
+    def drain(self, home: Path) -> float:
+        """The gateway's drain (best of the rounds, each with its ceilings on a broker of
+        its own), then, if asked, one under py-spy; returns the best rate."""
         rounds, devices, backlog = self.args.rounds, self.devices, self.backlog
         drains, before, after = [], [], []
         with self.phase("drain", f"gateway drain, best of {rounds}, each between two ceilings"):
             for i in range(rounds):
-                before.append(self.ceiling_now(rig, f"before{i}"))
-                drains.append(phases.drain(rig, f"drain{i}", devices, backlog))
-                after.append(self.ceiling_now(rig, f"after{i}"))
+                with broker_rig(home, f"round{i}") as rig:
+                    before.append(self.ceiling_now(rig, f"before{i}"))
+                    drains.append(phases.drain(rig, f"drain{i}", devices, backlog))
+                    after.append(self.ceiling_now(rig, f"after{i}"))
         best = max(drains, key=lambda each: each.rate)
         self.details["drain_rates"] = [round(each.rate) for each in drains]
         ratios = report.paired_ratios([each.rate for each in drains], before, after)
@@ -122,7 +123,8 @@ class Session:
         self.results |= report.drain_results(best, ceiling, reader_ceiling)
         self.results["drain_ratio_paired"] = report.paired_ratio(ratios, steady)
         if self.args.profile:
-            self.profile(rig, self.args.profile)
+            with broker_rig(home, "profile") as rig:
+                self.profile(rig, self.args.profile)
         return best.rate
 
     def ceiling_now(self, rig: Rig, name: str) -> float:
@@ -163,6 +165,19 @@ class Session:
         self.results |= report.memory_results(measured)
 
 
+@contextmanager
+def broker_rig(home: Path, name: str) -> Iterator[Rig]:
+    """A rig on a broker of its own (its data in ``home/broker-name``), stopped on exit.
+
+    A phase, or a drain round with its two ceilings, gets a new broker: one that kept an
+    earlier phase's retained messages (two a device: a control message and a fleet
+    state, 124 MB with 100,000 devices) would make every save of the broker's, which
+    stops it for about 2.4 ms a MB, that much longer (docs/performance.md).
+    """
+    with start_broker(home / f"broker-{name}") as broker:
+        yield Rig(broker.url, home, find_process(str(broker.data_dir / "mosquitto.conf")))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every phase, in order; the results document."""
     host = report.machine()
@@ -171,11 +186,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         verified = verify.measure(session.backlog, session.devices, args.rounds)
     with tempfile.TemporaryDirectory(prefix="tokenwell-bench-") as temp:
         home = Path(temp)
-        with start_broker(home / "broker") as broker:
-            rig = Rig(broker.url, home, find_process(str(broker.data_dir / "mosquitto.conf")))
+        with broker_rig(home, "floors") as rig:
             session.floors(rig, verified)
-            drained = session.drain(rig)
+        drained = session.drain(home)
+        with broker_rig(home, "latency") as rig:
             session.latency(rig, args.latency_rate or drained / 2)
+        with broker_rig(home, "memory") as rig:
             session.memory(rig)
     return {
         "benchmark": "tokenwell",
