@@ -6,6 +6,7 @@ a phase failed, 130 on Ctrl-C; brokers and gateways are stopped either way.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -77,10 +78,21 @@ class Session:
 
     @contextmanager
     def phase(self, name: str, what: str) -> Iterator[None]:
-        """Announce a phase on stderr and watch the machine's other load meanwhile."""
+        """Announce a phase on stderr and watch the machine's other load meanwhile.
+
+        The garbage collector is off during a phase: with 100,000 devices this process
+        holds millions of objects (the workload, the phase's messages and time stamps),
+        and each full collection stopped its publisher and recorder for 40-110 ms, a
+        dozen times a phase (docs/performance.md). Nothing it makes then needs the
+        collector to be freed; it is collected at the phase's end."""
         print(f"{what} ...", file=sys.stderr, flush=True)
         watch = Watch()
-        yield
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
+            gc.collect()
         self.background[name] = round(watch.foreign_cores(), 3)
 
     def floors(self, rig: Rig, verified: verify.VerifyFloor) -> None:
