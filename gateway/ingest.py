@@ -138,8 +138,15 @@ class Registry:
         """Every device's id and :class:`~gateway.packing.DeviceSummary`, unpacking none."""
         return self.devices.each(summarize_device, summarize)
 
-    def apply(self, devices: Mapping[str, Device], pools: Iterable[Pool] = ()) -> None:
-        """Make a committed batch's effects visible."""
+    def apply(
+        self,
+        devices: Mapping[str, Device],
+        pools: Iterable[Pool] = (),
+        packed: Mapping[str, tuple[Pool, bytes]] | None = None,
+    ) -> None:
+        """Make a committed batch's effects visible. ``packed`` (a committed write's
+        :meth:`~gateway.ledger.LedgerWrite.packed_pools`) gives the packed form of those
+        of ``pools`` it holds, the very objects, so that they are not packed again."""
         for device in devices.values():
             previous = self.devices.get(device.id)
             if previous is not None and previous.pool != device.pool:
@@ -148,7 +155,11 @@ class Registry:
                 self.members.setdefault(device.pool, set()).add(device.id)
             self.devices[device.id] = device
         for pool in pools:
-            self.pools[pool.key] = pool
+            kept = packed.get(pool.key) if packed else None
+            if kept is not None and kept[0] is pool:
+                self.pools.put(pool.key, pool, kept[1])
+            else:
+                self.pools[pool.key] = pool
             if (due := next_due_ms(pool)) is None:
                 self._due.pop(pool.key, None)
             else:

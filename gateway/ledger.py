@@ -72,6 +72,15 @@ class LedgerWrite:
     debits: list[Debit] = field(default_factory=list)
     movements: list[Movement] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)  # kept unless a later n is
+    _packed: dict[str, tuple[Pool, bytes]] | None = field(default=None, repr=False, compare=False)
+
+    def packed_pools(self) -> dict[str, tuple[Pool, bytes]]:
+        """Each of :attr:`pools` with its packed form (:func:`pack_pool`), packed on first
+        call only: the SQLite ledger's row and the registry's record share one packing
+        (at 100,000 devices each report's pool was packed twice, docs/performance.md)."""
+        if self._packed is None:
+            self._packed = {pool.key: (pool, pack_pool(pool)) for pool in self.pools}
+        return self._packed
 
     def __bool__(self) -> bool:
         return bool(

@@ -7,7 +7,8 @@ as Python objects they cost about 950 bytes a device, packed about 250
 is unpacked now and then, not once a report.
 
 A record read and not changed keeps its packed form: dropping it from the unpacked ones
-costs nothing. A record written is packed when it leaves them (or never, while in use).
+costs nothing. A record written is packed when it leaves them (or never, while in use),
+unless it was written with its packed form (:meth:`Records.put`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class Records(MutableMapping[str, V]):
         with self._moving:
             self._hot[key] = value
             self._packed.pop(key, None)  # changed: packed again when it leaves the hot ones
+        self._trim()
+
+    def put(self, key: str, value: V, packed: bytes) -> None:
+        """``self[key] = value``, where ``packed`` is ``value`` packed already (by the
+        ledger, for its row): kept, so that the record is not packed again when it
+        leaves the unpacked ones."""
+        if key not in self._hot and key not in self._packed:
+            self._size += 1
+        with self._moving:
+            self._hot[key] = value
+            self._packed[key] = packed
         self._trim()
 
     def peek(self, key: str, packed: Callable[[bytes], R], unpacked: Callable[[V], R]) -> R | None:

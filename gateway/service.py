@@ -269,10 +269,13 @@ class MeteringService:
             begun = time.perf_counter()
             for charged in group:
                 self._stage["queued"].observe(begun - charged.at)
-            await self._commit(LedgerWrite.combined([c.result.write for c in group]), stopping)
+            write = LedgerWrite.combined([c.result.write for c in group])
+            await self._commit(write, stopping)
             committed_at = time.perf_counter()
+            packed = write.packed_pools()
             for charged in group:
-                self.registry.apply(charged.result.devices, charged.result.pools.values())
+                devices, pools = charged.result.devices, charged.result.pools.values()
+                self.registry.apply(devices, pools, packed)  # pools packed once, for both
                 self._staged.unstage(charged.result)
             if not self._staged.batches:
                 self._idle.set()
@@ -677,7 +680,7 @@ class MeteringService:
 
     async def _commit_admin(self, write: LedgerWrite) -> None:
         await self.ledger.commit(write)  # a LedgerError surfaces to the caller: nothing applied
-        self.registry.apply({d.id: d for d in write.devices}, write.pools)
+        self.registry.apply({d.id: d for d in write.devices}, write.pools, write.packed_pools())
 
     def _announce(self, device: Device, *events: Event) -> None:
         if device.control is not None and device.control.seq > device.control_sent:

@@ -467,7 +467,8 @@ def _statements(write: LedgerWrite) -> Iterator[Statement]:
     """The statements that commit ``write``: a few multi-row ``INSERT``s per table, built
     one at a time as they are taken."""
     yield from _insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
-    yield from _insert(_UPSERT_POOL, [pool_row(p) for p in write.pools])
+    pools = [(p.key, p.account, data) for p, data in write.packed_pools().values()]
+    yield from _insert(_UPSERT_POOL, pools)
     yield from _insert(_UPSERT_HIGH, write.highs)  # named tuples in column order
     yield from _insert(_INSERT_DEBIT, write.debits)
     yield from _insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])

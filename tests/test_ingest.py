@@ -25,8 +25,9 @@ from gateway.ingest import (
     transition_event,
     verify,
 )
-from gateway.ledger import Debit, HighMark
+from gateway.ledger import Debit, HighMark, LedgerWrite
 from gateway.metering import Device, next_control
+from gateway.packing import pack_pool
 from gateway.statement import Evidence
 from gateway.topics import Topics
 from gateway.views import Event, device_state, parse_time, rfc3339, state_json
@@ -322,6 +323,22 @@ def test_topics_under_a_prefix() -> None:
         "acme/t/fleet/devices/d", "acme/t/fleet/events/block", "acme/t/fleet/events/+",
     )  # fmt: skip
     assert topics.device_of_usage(topics.usage("dev-9")) == "dev-9"
+
+
+def test_a_committed_pool_keeps_the_packed_form_the_ledger_made_of_that_very_pool() -> None:
+    reg = registry(provisioned("dev-1"), provisioned("dev-2"))
+    one, two = (economics.debit(reg.pools[d], 5)[0] for d in ("dev-1", "dev-2"))
+    write = LedgerWrite(pools=[one, two])
+    packed = write.packed_pools()
+    assert write.packed_pools() is packed  # packed once
+    assert {key: data for key, (_, data) in packed.items()} == {
+        "dev-1": pack_pool(one), "dev-2": pack_pool(two),
+    }  # fmt: skip
+    other = two._replace(used=two.used + 1)  # same key, another record: its bytes would lie
+    reg.apply({}, [one, other], packed)
+    kept = dict(reg.pools.each(packed=lambda data: data, unpacked=lambda pool: pool))
+    assert (kept["dev-1"], kept["dev-2"]) == (pack_pool(one), other)
+    assert (reg.pools["dev-1"], reg.pools["dev-2"]) == (one, other)
 
 
 # --- operator views ---------------------------------------------------------------------------

@@ -56,6 +56,11 @@ class LikeADict(RuleBasedStateMachine):
         self.records[key] = (key, number)
         self.model[key] = (key, number)
 
+    @rule(key=KEYS, number=st.integers(0, 1000))
+    def put(self, key: str, number: int) -> None:
+        self.records.put(key, (key, number), msgpack.packb(number))
+        self.model[key] = (key, number)
+
     @rule(key=KEYS)
     def read(self, key: str) -> None:
         assert self.records.get(key) == self.model.get(key)
@@ -183,3 +188,14 @@ def test_a_reader_on_another_thread_never_misses_a_record_that_is_moving() -> No
         thread.join()
         sys.setswitchinterval(interval)
     assert misses == []  # without the lock in Records, some are missed every run
+
+
+def test_a_record_put_with_its_packed_form_is_not_packed_again() -> None:
+    recs, counted = records(limit=4)
+    recs.put("a", ("a", 5), msgpack.packb(5))
+    for i in range(8):
+        recs.put(f"other{i}", (f"other{i}", i), msgpack.packb(i))
+    assert counted.packs == 0  # each kept its packed form as it left the unpacked ones
+    assert recs["a"] == ("a", 5)
+    assert counted.unpacks == 1
+    assert len(recs) == 9
