@@ -76,8 +76,9 @@ class LedgerWrite:
 
     def packed_pools(self) -> dict[str, tuple[Pool, bytes]]:
         """Each of :attr:`pools` with its packed form (:func:`pack_pool`), packed on first
-        call only: the SQLite ledger's row and the registry's record share one packing
-        (at 100,000 devices each report's pool was packed twice, docs/performance.md)."""
+        call only (so call it once the write is complete): the SQLite ledger's row and the
+        registry's record share one packing (at 100,000 devices each report's pool was
+        packed twice, docs/performance.md)."""
         if self._packed is None:
             self._packed = {pool.key: (pool, pack_pool(pool)) for pool in self.pools}
         return self._packed

@@ -80,8 +80,8 @@ class Event:
 def state_json(device: Device, pool: Pool) -> bytes:
     """:func:`device_state` encoded for the retained fleet topic: the very bytes of
     ``json.dumps(device_state(device, pool), separators=(",", ":"))``, built from a
-    template rather than through a dictionary and the encoder's generality (one for
-    every changed device every half second: about half the time, docs/performance.md)."""
+    template in less than half the time (one is published for every changed device
+    every half second; docs/performance.md)."""
     control = device.control
     state = "revoked" if device.revoked else (control.state if control else "ok")
     period = rfc3339(pool.period_start_ms) if pool.period else None
