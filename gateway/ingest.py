@@ -47,6 +47,7 @@ from gateway.packing import (
     DeviceSummary,
     pack_device,
     pack_pool,
+    packed_device_pool,
     packed_public_key,
     pool_due_ms,
     summarize,
@@ -84,6 +85,10 @@ class Loaded(NamedTuple):
 
     active: int
     unconfirmed: list[str]
+
+
+def _pool_of(device: Device) -> str:
+    return device.pool
 
 
 class Registry:
@@ -148,9 +153,12 @@ class Registry:
         :meth:`~gateway.ledger.LedgerWrite.packed_pools`) gives the packed form of those
         of ``pools`` it holds, the very objects, so that they are not packed again."""
         for device in devices.values():
-            previous = self.devices.get(device.id)
-            if previous is not None and previous.pool != device.pool:
-                self.members.get(previous.pool, set()).discard(device.id)
+            # Its pool as it was, read without unpacking it (a device charged early in a
+            # busy fleet has often been packed away since: unpacking it again only to
+            # read this cost 7 % of the loop at 100,000 devices, docs/performance.md).
+            previous = self.devices.peek(device.id, packed_device_pool, _pool_of)
+            if previous is not None and previous != device.pool:
+                self.members.get(previous, set()).discard(device.id)
             if device.pool != device.id:
                 self.members.setdefault(device.pool, set()).add(device.id)
             self.devices[device.id] = device

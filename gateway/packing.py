@@ -130,6 +130,12 @@ def packed_public_key(data: bytes) -> bytes:
     return key
 
 
+def packed_device_pool(data: bytes) -> str:
+    """The pool key of a packed device, without building the device."""
+    pool: str = msgpack.unpackb(data)[2]
+    return pool
+
+
 def summarize(device: Device) -> DeviceSummary:
     """The :class:`DeviceSummary` of a device record."""
     control = device.control

@@ -27,7 +27,7 @@ from gateway.ingest import (
 )
 from gateway.ledger import Debit, HighMark, LedgerWrite
 from gateway.metering import Device, next_control
-from gateway.packing import pack_pool
+from gateway.packing import pack_device, pack_pool
 from gateway.statement import Evidence
 from gateway.topics import Topics
 from gateway.views import Event, device_state, parse_time, rfc3339, state_json
@@ -440,3 +440,16 @@ def test_the_latest_charging_report_per_device_epoch_and_hour_is_kept_as_evidenc
         Evidence("dev-2", 1, 4, hour, b"payload-4"),
     ]
     assert charge_batch(items, registry(), PRICING, NOW).write.evidence == []
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_a_device_moved_to_another_pool_leaves_the_old_one(packed: bool) -> None:
+    dev = provisioned("dev-1")._replace(pool="@a")
+    reg = Registry()
+    if packed:  # as a start-up leaves it: nothing unpacked yet
+        reg.load({"dev-1": pack_device(dev)}, {})
+    else:
+        reg.apply({"dev-1": dev})
+    reg.apply({"dev-1": dev._replace(pool="@b")})
+    assert (reg.members_of("@a"), reg.members_of("@b")) == (set(), {"dev-1"})
+    assert reg.devices["dev-1"].pool == "@b"

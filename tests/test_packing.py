@@ -27,6 +27,7 @@ from gateway.metering import Device
 from gateway.packing import (
     pack_device,
     pack_pool,
+    packed_device_pool,
     packed_public_key,
     pool_due_ms,
     summarize,
@@ -97,6 +98,7 @@ def test_a_device_comes_back_whole(device: Device) -> None:
     assert unpack_device(device.id, data, {}) == device
     assert summarize_device(data) == summarize(device)
     assert packed_public_key(data) == device.public_key
+    assert packed_device_pool(data) == device.pool
 
 
 @given(pools())
