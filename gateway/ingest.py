@@ -164,10 +164,7 @@ class Registry:
             self.devices[device.id] = device
         for pool in pools:
             kept = packed.get(pool.key) if packed else None
-            if kept is not None and kept[0] is pool:
-                self.pools.put(pool.key, pool, kept[1])
-            else:
-                self.pools[pool.key] = pool
+            self.pools.put(pool.key, pool, kept[1] if kept and kept[0] is pool else None)
             if (due := next_due_ms(pool)) is None:
                 self._due.pop(pool.key, None)
             else:

@@ -60,22 +60,20 @@ class Records(MutableMapping[str, V]):
         return value
 
     def __setitem__(self, key: str, value: V) -> None:
-        if key not in self._hot and key not in self._packed:
-            self._size += 1
-        with self._moving:
-            self._hot[key] = value
-            self._packed.pop(key, None)  # changed: packed again when it leaves the hot ones
-        self._trim()
+        self.put(key, value)
 
-    def put(self, key: str, value: V, packed: bytes) -> None:
-        """``self[key] = value``, where ``packed`` is ``value`` packed already (by the
-        ledger, for its row): kept, so that the record is not packed again when it
-        leaves the unpacked ones."""
+    def put(self, key: str, value: V, packed: bytes | None = None) -> None:
+        """``self[key] = value``; ``packed``, when given, is ``value`` packed already (by
+        the ledger, for its row): kept, so that the record is not packed again when it
+        leaves the unpacked ones. Without it, the record is packed then."""
         if key not in self._hot and key not in self._packed:
             self._size += 1
         with self._moving:
             self._hot[key] = value
-            self._packed[key] = packed
+            if packed is None:
+                self._packed.pop(key, None)  # changed: packed again when it leaves the hot ones
+            else:
+                self._packed[key] = packed
         self._trim()
 
     def peek(self, key: str, packed: Callable[[bytes], R], unpacked: Callable[[V], R]) -> R | None:

@@ -161,9 +161,9 @@ def public_keys_in(path: Path) -> Iterator[tuple[str, bytes]]:
         conn.close()
 
 
-def pool_row(pool: Pool) -> tuple[str, str, bytes]:
-    """The ``pools`` row of ``pool``."""
-    return (pool.key, pool.account, pack_pool(pool))
+def pool_row(pool: Pool, packed: bytes | None = None) -> tuple[str, str, bytes]:
+    """The ``pools`` row of ``pool`` (``packed``: its :func:`pack_pool`, if made already)."""
+    return (pool.key, pool.account, pack_pool(pool) if packed is None else packed)
 
 
 def _pool_from_1(device: str, account: str, allocation: int, used: int, created: int) -> Pool:
@@ -467,7 +467,7 @@ def _statements(write: LedgerWrite) -> Iterator[Statement]:
     """The statements that commit ``write``: a few multi-row ``INSERT``s per table, built
     one at a time as they are taken."""
     yield from _insert(_UPSERT_DEVICE, [device_row(d) for d in write.devices])
-    pools = [(p.key, p.account, data) for p, data in write.packed_pools().values()]
+    pools = [pool_row(p, data) for p, data in write.packed_pools().values()]
     yield from _insert(_UPSERT_POOL, pools)
     yield from _insert(_UPSERT_HIGH, write.highs)  # named tuples in column order
     yield from _insert(_INSERT_DEBIT, write.debits)
