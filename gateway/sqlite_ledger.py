@@ -97,24 +97,36 @@ CREATE TABLE IF NOT EXISTS movements (
 );
 """
 
+
+def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> tuple[str, str]:
+    """The head and tail of a multi-row upsert (:func:`_insert`) of ``columns`` into
+    ``table``, keyed by ``key``. A row that exists is updated in place: ``INSERT OR
+    REPLACE`` deleted it and inserted it anew (into the table and its key's index), which
+    took the writer 8.2 -> 7.9 us of SQLite a report (docs/performance.md)."""
+    changed = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    head = f"INSERT INTO {table} ({', '.join(columns)})"
+    return head, f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {changed}"
+
+
 _DEVICE_COLUMNS = ", ".join(DEVICE_FIELDS)
-_UPSERT_DEVICE = f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS})"
+_UPSERT_DEVICE = _upsert("devices", DEVICE_FIELDS, ["id"])
 _KEEP_EVIDENCE = (
     "INSERT INTO evidence (device, boot, hour_ms, n, envelope)",
     " ON CONFLICT (device, boot, hour_ms) DO UPDATE SET n = excluded.n,"
     " envelope = excluded.envelope WHERE excluded.n > evidence.n",
 )
-_UPSERT_POOL = "INSERT OR REPLACE INTO pools (key, account, state)"
-_UPSERT_HIGH = "INSERT OR REPLACE INTO highs (device, boot, meter, high)"
+_UPSERT_POOL = _upsert("pools", ["key", "account", "state"], ["key"])
+_UPSERT_HIGH = _upsert("highs", ["device", "boot", "meter", "high"], ["device", "boot", "meter"])
 _INSERT_DEBIT = (
     "INSERT INTO debits (device, account, boot, meter, from_units, to_units, tokens, at_ms,"
-    " received_ms, pool, overage)"
+    " received_ms, pool, overage)",
+    "",
 )
 _MOVEMENT_COLUMNS = (
     "pool, account, kind, tokens, at_ms, grant_seq, grant_kind, priority, expires_ms,"
     " idempotency_key, device"
 )
-_INSERT_MOVEMENT = f"INSERT INTO movements ({_MOVEMENT_COLUMNS})"
+_INSERT_MOVEMENT = (f"INSERT INTO movements ({_MOVEMENT_COLUMNS})", "")
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 LOCAL_CACHE_KIB = 256  # the page cache of this process's own connection
@@ -473,11 +485,11 @@ def _statements(write: LedgerWrite) -> Iterator[Statement]:
     yield from _insert(_INSERT_DEBIT, write.debits)
     yield from _insert(_INSERT_MOVEMENT, [_movement_row(m) for m in write.movements])
     evidence = [(e.device, e.boot, e.hour_ms, e.n, e.envelope) for e in write.evidence]
-    yield from _insert(_KEEP_EVIDENCE[0], evidence, _KEEP_EVIDENCE[1])
+    yield from _insert(_KEEP_EVIDENCE, evidence)
 
 
-def _insert(head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> Iterator[Statement]:
-    """``rows`` (in order) as statements ``head`` ``SELECT`` rows ``tail``, up to
+def _insert(into: tuple[str, str], rows: Sequence[tuple[Any, ...]]) -> Iterator[Statement]:
+    """``rows`` (in order) as statements ``head`` ``SELECT`` rows ``tail`` (``into``), up to
     ``_MAX_ROWS`` rows to a statement.
 
     Why not ``executemany``: sqlite3 releases the GIL around every row it steps and takes
@@ -493,6 +505,7 @@ def _insert(head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> Itera
     """
     if not rows:
         return
+    head, tail = into
     width = len(rows[0])
     per_statement = min(_MAX_ROWS, 1 << ((_MAX_PARAMETERS // width).bit_length() - 1))
     for start in range(0, len(rows), per_statement):
