@@ -1,18 +1,22 @@
 """The receiver's vouching (gateway/receiver.py, ``Vouching``): a batch checked on the
 loop or on threads gives, in order, exactly what :func:`vouching_key` gives message by
-message: the device's key for a good signature, None for anything it cannot vouch for."""
+message: the device's key for a good signature, None for anything it cannot vouch for.
+And its forwarding: every message once, in order, the next batch vouched for while one
+is sent."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 
+import msgpack
 import pytest
 
 from gateway.ingest import vouching_key
 from gateway.keytable import KeyTable
 from gateway.mqtt import Incoming
-from gateway.receiver import INLINE_VOUCH, Vouching
+from gateway.receiver import INLINE_VOUCH, MAX_FORWARDED, VOUCH_AHEAD, Vouching, _forward
 from gateway.topics import Topics
 from tests.helpers import RawDevice
 
@@ -59,3 +63,56 @@ async def test_a_batch_is_vouched_for_in_order_as_message_by_message(size: int) 
     assert any(key is not None for key in expected)
     on_the_loop = threads == {threading.get_ident()}
     assert on_the_loop == (size <= INLINE_VOUCH)  # larger batches go to the threads
+
+
+class FrameSink:
+    """A stand-in for the receiver's socket to the gateway: keeps the frames written (a
+    4-byte length, then msgpack: gateway.frames), sets ``done`` once ``expected``
+    messages have been sent."""
+
+    def __init__(self, expected: int, log: list[tuple[str, int]]) -> None:
+        self.frames: list[list[list[object]]] = []
+        self.expected, self.log = expected, log
+        self.done = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(msgpack.unpackb(data[4:]))
+        self.log.append(("sent", len(self.frames[-1])))
+        if sum(map(len, self.frames)) >= self.expected:
+            self.done.set()
+
+    async def drain(self) -> None:
+        pass
+
+
+async def test_forwarding_sends_every_message_once_in_order_vouching_one_batch_ahead() -> None:
+    size = 2 * MAX_FORWARDED + 500
+    messages, keys = _batch(size)
+    vouching, log = Vouching(TOPICS, keys), []
+    start = vouching.start
+
+    def recording(batch: list[Incoming]) -> asyncio.Future[list[bytes | None]]:
+        log.append(("started", len(batch)))
+        return start(batch)
+
+    vouching.start = recording  # type: ignore[method-assign]
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    for message in messages:
+        inbox.put_nowait(message)
+    sink = FrameSink(size, log)
+    forwarding = asyncio.create_task(_forward(inbox, sink, vouching))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(sink.done.wait(), 30)
+    finally:
+        forwarding.cancel()
+        vouching._workers.close()
+    rows = [row for rows in sink.frames for row in rows]
+    expected = [vouching_key(TOPICS.device_of_usage(m.topic), m.payload, keys) for m in messages]
+    assert [row[2] for row in rows] == [m.mid for m in messages]  # each once, in order
+    assert [row[6] for row in rows] == expected
+    assert VOUCH_AHEAD == 2
+    assert log == [
+        ("started", MAX_FORWARDED), ("started", MAX_FORWARDED),  # the next one at once
+        ("sent", MAX_FORWARDED), ("started", 500),
+        ("sent", MAX_FORWARDED), ("sent", 500),
+    ]  # fmt: skip
