@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import gateway
 from bench.mqtt import Drained
 from bench.phases import Batches, Cores, Drain, Latency, Memory
 from bench.verify import VerifyFloor
@@ -213,6 +214,8 @@ def machine() -> dict[str, Any]:
         "mosquitto": _run(["mosquitto", "-h"], "/usr/sbin").split("\n", 1)[0],
         "commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         "uncommitted_changes": bool(_run(["git", "status", "--porcelain", "--", "gateway"])),
+        # the gateway's charging core as mypyc compiled it, or as Python (gateway/__init__.py)
+        "core": "compiled" if gateway.core_is_compiled() else "python",
     }
 
 
@@ -301,7 +304,8 @@ def table(document: dict[str, Any]) -> str:
     """The results as a readable table, with each target and whether it was met."""
     results, params, host = document["results"], document["parameters"], document["machine"]
     head = (
-        f"Tokenwell benchmark, {host['date']}, commit {host['commit'] or '?'}: "
+        f"Tokenwell benchmark, {host['date']}, commit {host['commit'] or '?'}"
+        f" (core {host.get('core', '?')}): "
         f"{host['cores']} x {host['cpu']}\n{params['devices']:,} devices, "
         f"{params['reports']:,} reports, {results['memory_devices'] or 0:,} memory devices"
     )

@@ -1,0 +1,55 @@
+"""The Tokenwell gateway.
+
+Its pure charging core (:data:`CORE`: the charging rule, the token economics, verifying
+and charging a batch) may also be compiled with mypyc into C extensions, by
+``scripts/setup`` (``scripts/compile_core.py``), into ``gateway/_compiled``: the same
+code, about a fifth less CPU a report (docs/performance.md). Those modules are then
+imported from there, but only while the build is of these very sources (its manifest
+holds each one's SHA-256) and ``TOKENWELL_PURE`` is not set; otherwise, as without a
+build, from their Python source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+CORE = ("metering", "economics", "ingest")  # modules of the compiled core
+COMPILED_DIR = Path(__file__).with_name("_compiled")
+MANIFEST = "manifest.json"  # {"sources": {module: sha256 of its source}}
+
+
+def core_digests(sources: Path = Path(__file__).parent) -> dict[str, str]:
+    """The SHA-256 of each :data:`CORE` module's source in ``sources``."""
+    digest = hashlib.sha256
+    return {name: digest((sources / f"{name}.py").read_bytes()).hexdigest() for name in CORE}
+
+
+def usable_build(
+    build: Path = COMPILED_DIR,
+    sources: Path = Path(__file__).parent,
+    environ: Mapping[str, str] = os.environ,
+) -> bool:
+    """Whether the compiled core in ``build`` may be used: it is there, ``TOKENWELL_PURE``
+    is not set, and its manifest names exactly the sources in ``sources``."""
+    if environ.get("TOKENWELL_PURE"):
+        return False
+    try:
+        manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+        return bool(manifest.get("sources") == core_digests(sources))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def core_is_compiled() -> bool:
+    """Whether the core modules in use are the compiled ones."""
+    from gateway import metering  # here, not above: this module is imported first
+
+    return not (metering.__file__ or "").endswith(".py")
+
+
+if usable_build():
+    __path__.insert(0, str(COMPILED_DIR))  # searched first: only the core is there

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException
 
-import gateway
 from gateway.api_accounts import PoolBody, build_router, pool_settings
 from gateway.api_fields import DeviceId, WholeNumber
 from gateway.errors import AdminError, BadRequest, LedgerError
@@ -142,7 +141,7 @@ def build_api(service: MeteringService, token: str, gateway_key_hex: str) -> Fas
     app = FastAPI(
         title="Tokenwell admin API",
         version=VERSION,
-        description=gateway.__doc__ or "Provisioning, refills and usage of metered devices.",
+        description="Provisioning, refills and usage of metered devices.",
         responses={401: {"model": ErrorReply}, 422: {"model": ErrorReply}},
     )
     _install_error_handlers(app)
