@@ -16,9 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gateway
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's gateway, whichever one the venv installed
+
+import gateway  # noqa: E402
+
 SETUP = """
 import sys
 from mypyc.build import mypycify
