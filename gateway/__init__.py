@@ -1,12 +1,12 @@
 """The Tokenwell gateway.
 
 Its pure charging core (:data:`CORE`: the charging rule, the token economics, verifying
-and charging a batch) may also be compiled with mypyc into C extensions, by
-``scripts/setup`` (``scripts/compile_core.py``), into ``gateway/_compiled``: the same
-code, about a fifth less CPU a report (docs/performance.md). Those modules are then
-imported from there, but only while the build is of these very sources (its manifest
-holds each one's SHA-256) and ``TOKENWELL_PURE`` is not set; otherwise, as without a
-build, from their Python source.
+and charging a batch, the registry's packed records) may also be compiled with mypyc
+into C extensions, by ``scripts/setup`` (``scripts/compile_core.py``), into
+``gateway/_compiled``: the same code, with less CPU a report (docs/performance.md).
+Those modules are then imported from there, but only while the build is of these very
+sources (its manifest holds each one's SHA-256) and ``TOKENWELL_PURE`` is not set;
+otherwise, as without a build, from their Python source.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-CORE = ("metering", "economics", "ingest")  # modules of the compiled core
+CORE = ("metering", "economics", "ingest", "packing", "records")  # the compiled core
 COMPILED_DIR = Path(__file__).with_name("_compiled")
 MANIFEST = "manifest.json"  # {"sources": {module: sha256 of its source}}
 
