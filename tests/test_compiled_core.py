@@ -62,7 +62,7 @@ def _compiled_in_a_new_process(environ: dict[str, str]) -> bool:
 @pytest.mark.skipif(bool(os.environ.get("TOKENWELL_PURE")), reason="TOKENWELL_PURE is set")
 def test_the_set_up_compiled_the_core_and_the_gateway_runs_it() -> None:
     """Where there is a C compiler, ``scripts/setup`` compiled the core: a set-up that
-    silently stopped doing so would cost a fifth of the CPU a report."""
+    silently stopped doing so would cost the event loop a fifth more work a report."""
     assert gateway.usable_build()
     assert gateway.core_is_compiled()
     assert _compiled_in_a_new_process(dict(os.environ))
