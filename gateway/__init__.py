@@ -1,7 +1,8 @@
 """The Tokenwell gateway.
 
-Its pure charging core (:data:`CORE`: the charging rule, the token economics, verifying
-and charging a batch, the registry's packed records) may also be compiled with mypyc
+Its pure core (:data:`CORE`: the charging rule, the token economics, verifying and
+charging a batch, the registry's packed records, the MQTT byte stream split into
+packets, topics, flood counts, operator views) may also be compiled with mypyc
 into C extensions, by ``scripts/setup`` (``scripts/compile_core.py``), into
 ``gateway/_compiled``: the same code, with less CPU a report (docs/performance.md).
 Those modules are then imported from there, but only while the build is of these very
@@ -17,7 +18,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-CORE = ("metering", "economics", "ingest", "packing", "records")  # the compiled core
+# The compiled core: pure modules on every report's path. Not wire (the boundary with
+# hostile input, where a compiled function's own type checks would raise TypeError
+# before its code can refuse a wrong type with a reason), nor pricing (the same, for the
+# configuration), nor keytable (its tests replace its hash function, which compiled
+# callers would not see).
+CORE = (
+    "metering", "economics", "ingest", "packing", "records", "mqtt_packets", "topics",
+    "flood", "views",
+)  # fmt: skip
 COMPILED_DIR = Path(__file__).with_name("_compiled")
 MANIFEST = "manifest.json"  # {"sources": {module: sha256 of its source}}
 
