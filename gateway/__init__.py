@@ -6,8 +6,9 @@ packets, topics, flood counts, operator views) may also be compiled with mypyc
 into C extensions, by ``scripts/setup`` (``scripts/compile_core.py``), into
 ``gateway/_compiled``: the same code, with less CPU a report (docs/performance.md).
 Those modules are then imported from there, but only while the build is of these very
-sources (its manifest holds each one's SHA-256) and ``TOKENWELL_PURE`` is not set;
-otherwise, as without a build, from their Python source.
+sources, for this Python (its manifest holds each source's SHA-256 and the extensions'
+suffix), and ``TOKENWELL_PURE`` is not set; otherwise, as without a build, from their
+Python source.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +30,7 @@ CORE = (
     "flood", "views",
 )  # fmt: skip
 COMPILED_DIR = Path(__file__).with_name("_compiled")
-MANIFEST = "manifest.json"  # {"sources": {module: sha256 of its source}}
+MANIFEST = "manifest.json"  # what build_manifest() returned when it was built
 
 
 def core_digests(sources: Path = Path(__file__).parent) -> dict[str, str]:
@@ -37,20 +39,28 @@ def core_digests(sources: Path = Path(__file__).parent) -> dict[str, str]:
     return {name: digest((sources / f"{name}.py").read_bytes()).hexdigest() for name in CORE}
 
 
+def build_manifest(sources: Path = Path(__file__).parent) -> dict[str, object]:
+    """What a build of the core from ``sources`` for this interpreter records: the
+    sources' digests, and the file suffix of this interpreter's extension modules (a
+    build for another Python is no build for this one)."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    return {"sources": core_digests(sources), "extension": suffix}
+
+
 def usable_build(
     build: Path = COMPILED_DIR,
     sources: Path = Path(__file__).parent,
     environ: Mapping[str, str] = os.environ,
 ) -> bool:
     """Whether the compiled core in ``build`` may be used: it is there, ``TOKENWELL_PURE``
-    is not set, and its manifest names exactly the sources in ``sources``."""
+    is not set, and its manifest is :func:`build_manifest` of ``sources``."""
     if environ.get("TOKENWELL_PURE"):
         return False
     try:
         manifest = json.loads((build / MANIFEST).read_text(encoding="utf-8"))
-        return bool(manifest.get("sources") == core_digests(sources))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return False
+    return bool(manifest == build_manifest(sources))
 
 
 def core_is_compiled() -> bool:

@@ -78,8 +78,8 @@ log = logging.getLogger("tokenwell.gateway")
 MAX_FORWARDED = 1000  # messages in one frame at most
 # Batches being vouched for at once. With one, a batch was split between the two threads,
 # and the thread done first, then both while the frame was sent, had nothing to do: 5.6
-# to 12.7 % of the machine idle in drains, 17,205-19,016 /s; with two, 5.5-7.4 % and
-# 18,414-19,036 /s (eight alternated pairs, docs/performance.md).
+# to 12.7 % of the machine idle in drains, 17,205-19,016 /s; with two, 4.3-9.2 % and
+# 17,669-19,036 /s (eleven alternated pairs, docs/performance.md).
 VOUCH_AHEAD = 2
 # Batches up to this size are checked on the loop, not on threads. A batch handed to the
 # two threads costs GIL hand-overs and wake-ups (futexes) between three threads; below

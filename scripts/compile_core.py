@@ -49,7 +49,7 @@ def main() -> int:
             return 1
         shutil.rmtree(build, ignore_errors=True)
         shutil.copytree(Path(work, "lib", "gateway"), build)
-    manifest = {"sources": gateway.core_digests(sources)}
+    manifest = gateway.build_manifest(sources)
     (build / gateway.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return 0
 

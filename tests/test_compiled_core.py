@@ -33,7 +33,7 @@ def _build(tmp_path: Path, manifest: object) -> Path:
 
 def test_only_a_build_of_these_very_sources_is_used(tmp_path: Path) -> None:
     sources = _sources(tmp_path)
-    build = _build(tmp_path, {"sources": gateway.core_digests(sources)})
+    build = _build(tmp_path, gateway.build_manifest(sources))
     assert gateway.usable_build(build, sources, environ={})
     assert not gateway.usable_build(build, sources, environ={"TOKENWELL_PURE": "1"})
     (sources / "economics.py").write_text("# economics, changed since\n", encoding="utf-8")
@@ -41,10 +41,13 @@ def test_only_a_build_of_these_very_sources_is_used(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "manifest", [None, [], {}, {"sources": {}}, {"sources": {"metering": "0" * 64}}]
+    "manifest",
+    [None, [], {}, {"sources": {}}, {"sources": {"metering": "0" * 64}}, "another Python"],
 )
 def test_a_missing_or_broken_manifest_means_no_build(tmp_path: Path, manifest: object) -> None:
     sources = _sources(tmp_path)
+    if manifest == "another Python":  # the very sources, built for other extensions
+        manifest = {**gateway.build_manifest(sources), "extension": ".cpython-312-x.so"}
     build = _build(tmp_path, manifest)
     assert not gateway.usable_build(build, sources, environ={})
     assert not gateway.usable_build(tmp_path / "nowhere", sources, environ={})
