@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,16 @@ def _compiled_in_a_new_process(environ: dict[str, str]) -> bool:
     return done.stdout.strip() == "True"
 
 
-@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler: the core runs as Python")
+PYTHON_H = Path(sysconfig.get_paths()["include"], "Python.h")
+CAN_COMPILE = bool(shutil.which("cc")) and PYTHON_H.exists()
+
+
+@pytest.mark.skipif(not CAN_COMPILE, reason="no C compiler or Python headers: runs as Python")
 @pytest.mark.skipif(bool(os.environ.get("TOKENWELL_PURE")), reason="TOKENWELL_PURE is set")
 def test_the_set_up_compiled_the_core_and_the_gateway_runs_it() -> None:
-    """Where there is a C compiler, ``scripts/setup`` compiled the core: a set-up that
-    silently stopped doing so would cost the event loop a fifth more work a report."""
+    """Where there is a C compiler (and Python's headers), ``scripts/setup`` compiled the
+    core: a set-up that silently stopped doing so would cost the event loop a fifth more
+    work a report."""
     assert gateway.usable_build()
     assert gateway.core_is_compiled()
     assert _compiled_in_a_new_process(dict(os.environ))
