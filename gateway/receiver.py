@@ -398,8 +398,8 @@ async def _forward(
     try:
         while True:
             if not vouched:
-                batch = [await inbox.get()]
-                vouched.append((_take(inbox, batch), vouching.start(batch)))
+                batch = _take(inbox, [await inbox.get()])
+                vouched.append((batch, vouching.start(batch)))
             if len(vouched) < VOUCH_AHEAD and not inbox.empty():
                 batch = _take(inbox, [])
                 vouched.append((batch, vouching.start(batch)))
